@@ -1,6 +1,6 @@
 # finesweep: LoRA SFT -> DPO sweeps, locally or as Kubernetes Jobs.
 #   make submit SWEEP=smoke          set up (idempotent), build the tiny model, run jobs/smoke.yaml locally
-#   make test                        every test suite (what CI runs)
+#   make test                        every test suite (what CI runs): test-unit, then e2e on a local cluster
 # Knobs: SWEEP (name under jobs/ or a path), STORE (folder or s3://bucket/prefix), BACKEND (local | k8s),
 #        DRY_RUN=1 (k8s: print the manifests, touch nothing), TRIAL (for make logs),
 #        NAMESPACE / KUBE_CONTEXT (k8s).
@@ -17,7 +17,7 @@ K8S_FLAGS = $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(KUBE_CONTEXT),--k
 PY := .venv/bin/python
 SUBMIT := $(PY) -m submitter
 
-.PHONY: setup tiny-model submit status report logs test test-fast clean
+.PHONY: setup tiny-model submit status report logs test test-unit test-fast clean
 .DEFAULT_GOAL := help
 
 help:
@@ -43,11 +43,13 @@ report: setup
 logs: setup
 	$(SUBMIT) logs $(SWEEP) --trial "$(TRIAL)" --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS)
 
-test: setup tiny-model
-	$(PY) -m pytest -q tests
+test: test-unit e2e
+
+test-unit: setup tiny-model
+	$(PY) -m pytest -q tests --ignore=tests/e2e
 
 test-fast: setup tiny-model
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests --ignore=tests/e2e -m "not slow"
 
 clean:
 	rm -rf build artifacts

@@ -59,7 +59,8 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
                 plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
             else:
                 earlier = next(p for p in plans[:i] if p.sweep.name == plan.sweep.start_sweep)
-                wait_for_sweep(earlier, store)
+                wait_for_sweep(earlier, store,
+                               on_poll=lambda p=earlier: record_cluster_failures(p, store, settings))
                 plan.start = resolve_start(plan.sweep, store)
         created = k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=dry_run)
         if not dry_run:
@@ -77,11 +78,36 @@ def k8s_overrides(args) -> dict:
     return overrides
 
 
-def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600):
-    """Block until every trial of `plan` is done or failed (markers in the store), then record the best."""
+def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, settings) -> int:
+    """Write the _FAILED marker for trials whose Job the cluster gave up on (OOMKilled, exit 3, deadline): the
+    pod could not write it itself, and status, report and a waiting pipeline read failures from the store.
+    Returns how many markers were written."""
+    from . import k8s_backend
+
+    written = 0
+    for trial_id, row in k8s_backend.failed_jobs(plan.sweep.name, settings).items():
+        spec = next((s for s in plan.all_specs() if s.trial_id == trial_id), None)
+        if spec is None:
+            continue
+        prefix = trial_prefix(spec.sweep, spec.trial_id)
+        if trial_state(store, spec.sweep, spec.trial_id) == "done" or store.exists(f"{prefix}/{FAILED}"):
+            continue
+        store.write_json(f"{prefix}/{FAILED}", {"phase": "job", "job": row["job"], "exit_code": row["exit_code"],
+                                                "reason": row["reason"], "at": time.time()})
+        log.warning("%s/%s (%s): job %s failed: %s", spec.sweep, spec.name, trial_id, row["job"], row["reason"])
+        written += 1
+    return written
+
+
+def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
+                   on_poll=None):
+    """Block until every trial of `plan` is done or failed (markers in the store), then record the best.
+    `on_poll` runs before each check (the k8s backend records Jobs the cluster gave up on)."""
     deadline = time.time() + timeout_s
     specs = plan.all_specs()
     while True:
+        if on_poll is not None:
+            on_poll()
         states = [trial_state(store, s.sweep, s.trial_id) for s in specs]
         failed = sum(store.exists(f"{trial_prefix(s.sweep, s.trial_id)}/{FAILED}") for s in specs)
         done = states.count("done")
@@ -104,6 +130,8 @@ def status(args, store: ArtifactStore) -> int:
         settings = k8s_backend.load_settings(k8s_overrides(args))
         for plan in plans:
             phases.update({row["trial_id"]: row for row in k8s_backend.status(plan.sweep.name, settings)})
+            if plan.resolved:
+                record_cluster_failures(plan, store, settings)
     for plan in plans:
         metric = plan.sweep.select.metric
         print(f"\nsweep {plan.sweep.name} ({plan.sweep.stage})" +

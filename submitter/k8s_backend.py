@@ -235,13 +235,16 @@ def job_row(job: dict, pod: dict | None) -> dict:
     labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
     conditions = {c["type"]: c for c in state.get("conditions") or [] if c.get("status") == "True"}
     failed_attempts = state.get("failed") or 0
-    finished = None
+    finished, exit_code = None, None
     if "Complete" in conditions:
         phase, reason = "Succeeded", ""
         finished = state.get("completionTime") or conditions["Complete"].get("lastTransitionTime")
     elif "Failed" in conditions:
         cond = conditions["Failed"]
         phase, reason = "Failed", ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+        # The Job's condition says only that it gave up; the pod says why (OOMKilled, exit 3, ...).
+        ended, exit_code = _failed_container(pod) if pod else ("", None)
+        reason = f"{reason}; last pod: {ended}" if ended else reason
         finished = cond.get("lastTransitionTime")
     elif spec.get("suspend"):
         phase = "Pending"
@@ -261,7 +264,25 @@ def job_row(job: dict, pod: dict | None) -> dict:
         "started": state.get("startTime"),
         "finished": finished,
         "reason": reason,
+        "exit_code": exit_code,  # of the failed container, when the Job failed
     }
+
+
+def _failed_container(pod: dict) -> tuple[str, int | None]:
+    """(`train: OOMKilled (exit 137)`, 137) for the first container of the pod that ended badly, else ("", None)."""
+    status_ = pod.get("status") or {}
+    for container in (status_.get("initContainerStatuses") or []) + (status_.get("containerStatuses") or []):
+        ended = (container.get("state") or {}).get("terminated") or \
+            (container.get("lastState") or {}).get("terminated") or {}
+        if ended.get("exitCode") not in (None, 0):
+            code = ended["exitCode"]
+            return f"{container['name']}: {ended.get('reason') or 'Error'} (exit {code})", code
+    return "", None
+
+
+def failed_jobs(sweep_name: str, settings: ClusterSettings) -> dict[str, dict]:
+    """trial id -> status row, for the sweep's Jobs that the cluster gave up on."""
+    return {row["trial_id"]: row for row in status(sweep_name, settings) if row["phase"] == "Failed"}
 
 
 def _pod_phase(pod: dict) -> tuple[str, str]:

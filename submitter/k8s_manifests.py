@@ -84,6 +84,10 @@ class ClusterSettings:
     run_as_user: int = 1000
     run_as_group: int = 1000
     fs_group: int = 1000
+    host_network: bool = False
+    extra_env: tuple[dict, ...] = ()
+    extra_volumes: tuple[dict, ...] = ()
+    extra_volume_mounts: tuple[dict, ...] = ()
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     s3_bucket: str = "finesweep"
@@ -126,6 +130,10 @@ SETTINGS_PATHS: dict[str, str] = {
     "run_as_user": "jobs.runAsUser",
     "run_as_group": "jobs.runAsGroup",
     "fs_group": "jobs.fsGroup",
+    "host_network": "jobs.hostNetwork",
+    "extra_env": "jobs.extraEnv",
+    "extra_volumes": "jobs.extraVolumes",
+    "extra_volume_mounts": "jobs.extraVolumeMounts",
     "s3_endpoint": "s3.endpoint",
     "s3_region": "s3.region",
     "s3_bucket": "s3.bucket",
@@ -226,6 +234,20 @@ def check_settings(settings: ClusterSettings) -> None:
         bad("s3_secret_name", "is empty: trial pods take the S3 credentials from that Secret")
     if settings.backoff_limit < 0:
         bad("backoff_limit", "is negative")
+    volumes = {v.get("name") for v in settings.extra_volumes if isinstance(v, dict)}
+    for mount in settings.extra_volume_mounts:
+        if not isinstance(mount, dict) or mount.get("name") not in volumes:
+            bad("extra_volume_mounts", f"{mount!r} names no volume of jobs.extraVolumes ({sorted(volumes)})")
+        if not str(mount.get("mountPath", "")).startswith("/"):
+            bad("extra_volume_mounts", f"{mount!r} needs an absolute mountPath")
+    builtin = {"spec", "tmp", "cache", "scratch", "dshm"}
+    for volume in settings.extra_volumes:
+        if not isinstance(volume, dict) or not _DNS1123_LABEL.fullmatch(str(volume.get("name", ""))) \
+                or volume["name"] in builtin:
+            bad("extra_volumes", f"{volume!r} needs a DNS-1123 name other than {sorted(builtin)}")
+    for var in settings.extra_env:
+        if not isinstance(var, dict) or not var.get("name"):
+            bad("extra_env", f"{var!r} needs a name (and a value or valueFrom)")
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -326,6 +348,9 @@ def trial_job(spec: TrialSpec, settings: ClusterSettings, store_url: str) -> dic
             pod_spec["nodeSelector"] = dict(settings.node_selector)
         if settings.tolerations:
             pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.host_network:
+        # Single-node dev clusters (make cluster-up): the store listens on the node's loopback.
+        pod_spec["hostNetwork"] = True
     if settings.service_account_name:
         pod_spec["serviceAccountName"] = settings.service_account_name
     if settings.priority_class_name:
@@ -417,6 +442,7 @@ def _container(name: str, image: str, command: str, spec: TrialSpec, settings: C
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "scratch", "mountPath": SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *(dict(m) for m in settings.extra_volume_mounts),
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -459,6 +485,7 @@ def _env(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
         env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if settings.hf_token_secret:
         env.append(secret("HF_TOKEN", settings.hf_token_secret, "HF_TOKEN"))
+    env.extend(dict(e) for e in settings.extra_env)
     return env
 
 
@@ -479,6 +506,7 @@ def _volumes(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
         empty_dir("scratch", settings.scratch_size_limit),
         # /dev/shm is 64 MB by default; a memory-backed emptyDir counts against the memory limit, so cap it.
         empty_dir("dshm", settings.shm_size, medium="Memory"),
+        *(dict(v) for v in settings.extra_volumes),
     ]
 
 
@@ -510,7 +538,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def _as_field_type(name: str, value: Any) -> Any:
-    if name in ("image_pull_secrets", "tolerations"):
+    if name in ("image_pull_secrets", "tolerations", "extra_env", "extra_volumes", "extra_volume_mounts"):
         return tuple(value or ())
     if name in ("node_selector", "resources"):
         return dict(value or {})
@@ -523,7 +551,7 @@ def _as_field_type(name: str, value: Any) -> Any:
         return None if value in (None, "") else int(value)  # 0 is meaningful: delete right away
     if name == "poll_seconds":
         return float(value)
-    if name in ("wait_for_slots", "use_cluster_defaults"):
+    if name in ("wait_for_slots", "use_cluster_defaults", "host_network"):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     if name in ("kube_context",):
         return value or None

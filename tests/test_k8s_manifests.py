@@ -116,7 +116,11 @@ def pod_containers(job):
     {"kueue_queue_name": "gpu-t4", "hf_token_secret": "hf-token", "service_account_name": "trials",
      "priority_class_name": "batch-low", "image_pull_secrets": ["regcred"], "active_deadline_seconds": 0,
      "ttl_seconds_after_finished": 0, "cache_size_limit": None},
-], ids=["defaults", "cpu", "2xT4", "everything-on"])
+    {"gpus_per_trial": 0, "host_network": True,
+     "extra_env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+     "extra_volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+     "extra_volume_mounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]},
+], ids=["defaults", "cpu", "2xT4", "everything-on", "air-gapped-dev"])
 def test_every_manifest_is_valid_kubernetes(sweeps, overrides):
     settings = k8s_backend.load_settings(overrides)
     for sweep in sweeps:
@@ -325,6 +329,34 @@ def test_plan_is_idempotent(tmp_path, settings):
 
 
 # ------------------------------------------------------------------------------------------ settings
+
+def test_host_network_and_extra_env_volumes_reach_both_containers(example_sweeps):
+    settings = k8s_backend.load_settings({
+        "jobs.hostNetwork": True, "jobs.extraEnv": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "jobs.extraVolumes": [{"name": "models", "hostPath": {"path": "/srv/models", "type": "Directory"}}],
+        "jobs.extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}]})
+    job = jobs_of(km.sweep_manifests(trials_of(example_sweeps[0]), settings, STORE_URL))[-1]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["volumes"][-1] == {"name": "models", "hostPath": {"path": "/srv/models", "type": "Directory"}}
+    for container in pod_containers(job):
+        assert container["env"][-1] == {"name": "HF_HUB_OFFLINE", "value": "1"}
+        assert container["volumeMounts"][-1] == {"name": "models", "mountPath": "/models", "readOnly": True}
+    assert "hostNetwork" not in jobs_of(km.sweep_manifests(trials_of(example_sweeps[0]), k8s_backend.load_settings(),
+                                                           STORE_URL))[0]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"extra_volume_mounts": [{"name": "nope", "mountPath": "/x"}]}, "extra_volume_mounts.*names no volume"),
+    ({"extra_volumes": [{"name": "m", "emptyDir": {}}], "extra_volume_mounts": [{"name": "m", "mountPath": "x"}]},
+     "absolute mountPath"),
+    ({"extra_volumes": [{"name": "tmp", "emptyDir": {}}]}, "extra_volumes.*other than"),
+    ({"extra_env": [{"value": "1"}]}, "extra_env.*needs a name"),
+])
+def test_extra_settings_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        k8s_backend.load_settings(overrides)
+
 
 def test_settings_defaults_mirror_the_chart():
     assert k8s_backend.load_settings() == km.ClusterSettings()
@@ -596,6 +628,12 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
         "metadata": {"name": "p1", "labels": pod_labels, "creationTimestamp": "2026-01-01T00:00:01Z"},
         "status": {"phase": "Pending", "initContainerStatuses": [{"name": "train", "state": {"running": {}}}],
                    "containerStatuses": [{"name": "eval", "state": {"waiting": {"reason": "PodInitializing"}}}]}})
+    failed_labels = dict(failed["spec"]["template"]["metadata"]["labels"],
+                         **{"batch.kubernetes.io/job-name": failed["metadata"]["name"]})
+    fake_cluster.pods.append({
+        "metadata": {"name": "p2", "labels": failed_labels, "creationTimestamp": "2026-01-01T00:00:02Z"},
+        "status": {"phase": "Failed", "initContainerStatuses": [
+            {"name": "train", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
     rows = {row["trial_id"]: row for row in k8s_backend.status(sweep.name, settings)}
     assert set(rows) == {t.trial_id for t in trials}
     row = rows[trials[0].trial_id]
@@ -603,9 +641,11 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     assert row["started"] == "2026-01-01T00:00:00Z" and row["finished"] is None
     row = rows[trials[1].trial_id]
     assert row["phase"] == "Failed" and row["reason"].startswith("PodFailurePolicy: ")
+    # The pod says why: the reason a person reads in `make status` and in the report.
+    assert row["reason"].endswith("; last pod: train: OOMKilled (exit 137)") and row["exit_code"] == 137
     assert row["finished"] == "2026-01-01T00:05:00Z"
     assert (rows[trials[2].trial_id]["phase"], rows[trials[2].trial_id]["reason"]) == ("Pending", "no pod yet")
-    assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason"}
+    assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason", "exit_code"}
 
 
 def _pod(job: dict, name: str, created: str, init_state: dict | None, main_state: dict) -> dict:

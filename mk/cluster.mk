@@ -1,0 +1,31 @@
+# The offline alternative to kind (included by the main Makefile): a single-node cluster from the pinned
+# Kubernetes release built from its Go modules, plus Debian's etcd/containerd/runc/CNI (scripts/cluster/).
+#   make cluster-up       bring it up (idempotent; the first time builds Kubernetes: ~5-10 min on 2 cores)
+#   make cluster-load     import the trainer and evaluator images into its containerd
+#   make cluster-down     tear it down; fails if a process, mount, network device or cgroup is left behind
+#   make cluster-dump     print what is needed to debug it (events, pod states, logs, component logs)
+#   make e2e              cluster-up, images, helm install, the smoke pipeline as Jobs (tests/e2e), cluster-down
+# Then: export KUBECONFIG=$(CLUSTER_KUBECONFIG); ~/.cache/finesweep/bin/kubectl get pods -A
+
+CLUSTER_KUBECONFIG ?= $(or $(FINESWEEP_CLUSTER_DIR),/tmp/finesweep-cluster)/admin.kubeconfig
+
+.PHONY: cluster-up cluster-down cluster-load cluster-dump e2e
+
+cluster-up:
+	@bash scripts/cluster/up.sh
+
+cluster-down:
+	@bash scripts/cluster/down.sh
+
+cluster-load: cluster-up images
+	@bash scripts/cluster/load-images.sh $(TRAINER_IMAGE) $(EVALUATOR_IMAGE)
+
+cluster-dump:
+	@bash scripts/cluster/dump.sh $(or $(NAMESPACE),finesweep-e2e)
+
+# The cluster comes down whatever the tests did, and a teardown that leaves something behind fails the target.
+e2e: setup tiny-model helm minio cluster-load
+	@rc=0; KUBECONFIG=$(CLUSTER_KUBECONFIG) TRAINER_IMAGE=$(TRAINER_IMAGE) EVALUATOR_IMAGE=$(EVALUATOR_IMAGE) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/e2e $(E2E_ARGS) || rc=$$?; \
+	bash scripts/cluster/down.sh || rc=$$((rc ? rc : 1)); \
+	exit $$rc

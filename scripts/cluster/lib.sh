@@ -1,0 +1,42 @@
+# Shared settings of the offline single-node cluster (sourced by up.sh, down.sh, dump.sh, load-images.sh).
+# Every server binds to 127.0.0.1; every path the cluster writes is under $CLUSTER_DIR (wiped by down.sh),
+# except the version-keyed build cache under $CLUSTER_CACHE.
+# Knobs: FINESWEEP_CLUSTER_DIR, FINESWEEP_CACHE, CLUSTER_PORT_BASE (ports are BASE+offset, default 26000).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+K8S_VERSION="$(awk '/^require k8s.io\/kubernetes /{print $3}' "$ROOT/k8s/local-cluster/components/go.mod")"
+CLUSTER_CACHE="${FINESWEEP_CACHE:-$HOME/.cache/finesweep}/k8s"
+K8S_BIN="$CLUSTER_CACHE/$K8S_VERSION/bin"
+CLUSTER_DIR="${FINESWEEP_CLUSTER_DIR:-/tmp/finesweep-cluster}"
+# Named by its address, as in hack/local-up-cluster.sh: the kubelet then reports InternalIP 127.0.0.1 (it
+# refuses a loopback --node-ip), which is where the API server reaches it for logs and exec.
+NODE_NAME="127.0.0.1"
+PAUSE_IMAGE="finesweep.local/pause:3.10"
+
+port_base="${CLUSTER_PORT_BASE:-26000}"
+ETCD_PORT=$((port_base + 79))          # etcd clients
+ETCD_PEER_PORT=$((port_base + 80))     # etcd peers (one member, still needs a listener)
+APISERVER_PORT=$((port_base + 443))
+KUBELET_PORT=$((port_base + 250))
+KUBELET_HEALTHZ_PORT=$((port_base + 248))
+CONTROLLER_MANAGER_PORT=$((port_base + 257))
+SCHEDULER_PORT=$((port_base + 259))
+
+PKI="$CLUSTER_DIR/pki"
+LOGS="$CLUSTER_DIR/logs"
+PIDS="$CLUSTER_DIR/pids"
+CONTAINERD_SOCK="$CLUSTER_DIR/containerd/containerd.sock"
+KUBECONFIG_ADMIN="$CLUSTER_DIR/admin.kubeconfig"
+# The components in start order; down.sh stops them in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet)
+
+log() { echo "cluster: $*" >&2; }
+die() { echo "cluster: error: $*" >&2; exit 1; }
+
+ctr_() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
+kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
+
+running() {  # running <component>: its recorded pid is alive
+  local pidfile="$PIDS/$1.pid"
+  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}

@@ -1,0 +1,150 @@
+"""Fixtures of the end-to-end suite: a real Kubernetes cluster (scripts/cluster/up.sh, via `make e2e`), the
+chart installed with helm, a real MinIO on loopback, and the submitter run as the chart's ServiceAccount.
+
+Trial pods use hostNetwork (jobs.hostNetwork) to reach MinIO on 127.0.0.1, and read the tiny model and the
+fixture datasets from hostPath volumes (jobs.extraVolumes), exactly where the sweep files point
+(/app/build/tiny-llama, /app/tests/fixtures/datasets). A failing test gets scripts/cluster/dump.sh's output
+(events, pod states, last log lines, component logs) attached to its report.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.minio import minio_server  # noqa: F401  (session fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path.home() / ".cache" / "finesweep" / "bin"
+KUBECONFIG = os.environ.get("KUBECONFIG") or "/tmp/finesweep-cluster/admin.kubeconfig"
+NAMESPACE = "finesweep-e2e"
+OOM_NAMESPACE = "finesweep-e2e-oom"  # a second release whose trial pods get too little memory
+RELEASE = "finesweep"
+BUCKET = "finesweep"
+TRAINER_IMAGE = os.environ.get("TRAINER_IMAGE", "finesweep/trainer:0.1.0")
+EVALUATOR_IMAGE = os.environ.get("EVALUATOR_IMAGE", "finesweep/evaluator:0.1.0")
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "KUBECONFIG": KUBECONFIG, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def kubectl(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run(str(BIN / "kubectl"), *args, **kw)
+
+
+def helm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run(str(BIN / "helm"), *args, **kw)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        for namespace in (NAMESPACE, OOM_NAMESPACE):
+            dump = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "dump.sh"), namespace],
+                                  capture_output=True, text=True, timeout=300)
+            report.sections.append((f"cluster state, namespace {namespace} (scripts/cluster/dump.sh)",
+                                    dump.stdout[-60000:] + dump.stderr[-2000:]))
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    ready = kubectl("get", "--raw", "/readyz", check=False, timeout=30)
+    assert ready.returncode == 0, f"no cluster at {KUBECONFIG}: run `make cluster-up` first ({ready.stderr.strip()})"
+
+
+def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict | None = None) -> dict:
+    """The chart installed into `namespace` against MinIO; returns what the tests need to drive the submitter
+    there as the chart's ServiceAccount."""
+    from kubernetes import client, config
+
+    minio.bucket(BUCKET)
+    # Credentials go into the Secret through the API, never on a command line or into a values file.
+    config.load_kube_config(config_file=KUBECONFIG)
+    core = client.CoreV1Api()
+    kubectl("create", "namespace", namespace)
+    s3 = minio.env()
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="e2e-s3"), type="Opaque",
+        string_data={"AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"]}))
+
+    # The pods run as uid 1000: a world-readable copy of the tiny model (its weights are written 0600).
+    model_dir = tmp_path_factory.mktemp("hostpath") / "tiny-llama"
+    shutil.copytree(ROOT / "build" / "tiny-llama", model_dir)
+    for p in [model_dir, *model_dir.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    trainer_repo, trainer_tag = TRAINER_IMAGE.rsplit(":", 1)
+    evaluator_repo, evaluator_tag = EVALUATOR_IMAGE.rsplit(":", 1)
+    values = {
+        "images": {"trainer": {"repository": trainer_repo, "tag": trainer_tag},
+                   "evaluator": {"repository": evaluator_repo, "tag": evaluator_tag}},
+        "s3": {"endpoint": minio.endpoint, "bucket": BUCKET, "existingSecret": "e2e-s3"},
+        "jobs": {
+            "gpusPerTrial": 0,
+            "hostNetwork": True,
+            "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "6Gi"}},
+            "shmSize": "256Mi", "cacheSizeLimit": "2Gi", "scratchSizeLimit": "2Gi",
+            "terminationGracePeriodSeconds": 60,
+            "backoffLimit": 1,
+            "extraEnv": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}],
+            "extraVolumes": [
+                {"name": "tiny-model", "hostPath": {"path": str(model_dir), "type": "Directory"}},
+                {"name": "datasets", "hostPath": {"path": str(ROOT / "tests" / "fixtures" / "datasets"),
+                                                  "type": "Directory"}}],
+            "extraVolumeMounts": [
+                {"name": "tiny-model", "mountPath": "/app/build/tiny-llama", "readOnly": True},
+                {"name": "datasets", "mountPath": "/app/tests/fixtures/datasets", "readOnly": True}],
+            **(jobs_values or {}),
+        },
+    }
+    values_file = tmp_path_factory.mktemp("helm") / "values-e2e.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm("install", RELEASE, str(ROOT / "charts" / "finesweep"), "-n", namespace, "-f", str(values_file),
+         "--wait", "--timeout", "2m")
+
+    # The submitter runs as the chart's ServiceAccount, so the chart's Role is what the e2e proves sufficient.
+    token = kubectl("create", "token", RELEASE, "-n", namespace, "--duration", "2h").stdout.strip()
+    admin = yaml.safe_load(Path(KUBECONFIG).read_text())
+    cluster_entry = admin["clusters"][0]["cluster"]
+    ca = base64.b64encode(Path(cluster_entry["certificate-authority"]).read_bytes()).decode()
+    submitter_kubeconfig = tmp_path_factory.mktemp("submitter") / "kubeconfig"
+    submitter_kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {"server": cluster_entry["server"], "certificate-authority-data": ca}}],
+        "users": [{"name": "finesweep-submitter", "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "finesweep-submitter",
+                                                 "namespace": namespace}}],
+        "current-context": "e2e"}))
+    submitter_kubeconfig.chmod(0o600)
+    return {
+        "namespace": namespace,
+        "store": f"s3://{BUCKET}/e2e-{uuid.uuid4().hex[:8]}",
+        "env": {**s3, "KUBECONFIG": str(submitter_kubeconfig)},
+        "token": token,
+    }
+
+
+@pytest.fixture(scope="session")
+def release(cluster, minio_server, tmp_path_factory):  # noqa: F811
+    return install_release(NAMESPACE, minio_server, tmp_path_factory)
+
+
+def submitter(release: dict, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
+    """python -m submitter <args> --backend k8s --store <e2e store> --namespace <ns>, as the chart's SA."""
+    return run(sys.executable, "-m", "submitter", *args, "--backend", "k8s", "--store", release["store"],
+               "--namespace", release["namespace"], env=release["env"], timeout=timeout, check=check)

@@ -1,0 +1,288 @@
+"""The whole path on a real cluster: helm install, submit the smoke pipeline with the Kubernetes backend, pods
+train and evaluate, artifacts land in MinIO, status and report read them back; then resubmission, a pod
+deleted mid-run, a broken sweep, and the chart's RBAC. Run by `make e2e` (which brings the cluster up and down).
+
+The tests run in file order and build on each other (the smoke pipeline's results are used by the next ones).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.e2e.conftest import NAMESPACE, OOM_NAMESPACE, RELEASE, ROOT, install_release, kubectl, submitter
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MANAGED = "app.kubernetes.io/managed-by=finesweep-submitter"
+PROGRESS = re.compile(r"step \d+/\d+ \(\d+%\) loss [0-9.]+ .*tok/s \d+ .*eta ")
+
+
+def jobs(selector: str = MANAGED, field_selector: str = "", namespace: str = NAMESPACE) -> list[dict]:
+    extra = ["--field-selector", field_selector] if field_selector else []
+    return json.loads(kubectl("get", "jobs", "-n", namespace, "-l", selector, *extra, "-o", "json").stdout)["items"]
+
+
+def pods(selector: str) -> list[dict]:
+    return json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout)["items"]
+
+
+def condition(job: dict) -> str | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            return cond["type"]
+    return None
+
+
+def wait_jobs_complete(selector: str, expected: int, timeout: float, field_selector: str = "") -> list[dict]:
+    """Every Job matching the selectors (there must be `expected`) Complete; fails at once on a Failed one."""
+    deadline = time.time() + timeout
+    while True:
+        found = jobs(selector, field_selector)
+        failed = [j["metadata"]["name"] for j in found if condition(j) == "Failed"]
+        assert not failed, f"Jobs failed: {failed}"
+        if len(found) == expected and all(condition(j) == "Complete" for j in found):
+            return found
+        assert time.time() < deadline, f"{[(j['metadata']['name'], condition(j)) for j in found]} after {timeout}s"
+        time.sleep(5)
+
+
+def store_of(release: dict):
+    """The e2e store as the submitter sees it (MinIO on loopback, credentials from the environment)."""
+    import os
+
+    import boto3
+
+    from finesweep.store import S3Store
+
+    boto3.DEFAULT_SESSION = None
+    os.environ.update({k: v for k, v in release["env"].items() if k != "KUBECONFIG"})
+    return S3Store(release["store"])
+
+
+@pytest.fixture(scope="module")
+def smoke(release):
+    """jobs/smoke.yaml submitted once with the k8s backend and run to completion: (submit output, plans)."""
+    from submitter.plan import load_plan, resolve_recorded_starts
+
+    started = time.time()
+    proc = submitter(release, "submit", "jobs/smoke.yaml", timeout=2400)
+    store = store_of(release)
+    plans = load_plan("jobs/smoke.yaml", store, allow_unresolved=True)
+    resolve_recorded_starts(plans, store)
+    specs = [s for plan in plans for s in plan.all_specs()]
+    done = wait_jobs_complete(MANAGED, expected=len(specs), timeout=1500)
+    print(f"smoke pipeline on the cluster: {len(done)} Jobs complete in {time.time() - started:.0f}s")
+    return proc.stdout + proc.stderr, plans, store
+
+
+def test_smoke_pipeline_runs_as_jobs(smoke, release):
+    output, plans, store = smoke
+    from finesweep.store import trial_state
+
+    by_trial = {j["metadata"]["labels"]["finesweep.io/trial"]: j for j in jobs()}
+    for plan in plans:
+        for spec in plan.all_specs():
+            assert spec.trial_id in by_trial, f"no Job for {spec.sweep}/{spec.name}"
+            assert condition(by_trial[spec.trial_id]) == "Complete"
+            assert trial_state(store, spec.sweep, spec.trial_id) == "done", spec.name
+            store.verify_marker(f"{spec.sweep}/{spec.trial_id}/_DONE")  # checksums of what the pod wrote
+            assert store.read_json(f"{spec.sweep}/{spec.trial_id}/eval.json")["summary"]
+            if spec.trains:
+                keys = store.list(f"{spec.sweep}/{spec.trial_id}/adapter")
+                assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
+    assert "smoke-sft" in output and "created job" in output
+
+
+def test_trainer_progress_in_kubectl_logs(smoke):
+    trained = [j for j in jobs() if j["metadata"]["labels"]["finesweep.io/stage"] in ("sft", "dpo")]
+    assert trained
+    for job in trained:
+        logs = kubectl("logs", f"job/{job['metadata']['name']}", "-n", NAMESPACE, "-c", "train").stdout
+        assert PROGRESS.search(logs), f"no progress line in {job['metadata']['name']}:\n{logs[-2000:]}"
+        evaluation = kubectl("logs", f"job/{job['metadata']['name']}", "-n", NAMESPACE, "-c", "eval").stdout
+        assert "+ own adapter" in evaluation, evaluation[-2000:]
+
+
+def test_dpo_starts_from_best_sft_trial_in_store(smoke):
+    _, plans, store = smoke
+    sft, dpo = plans
+    best = store.read_json("smoke-sft/best.json")
+    assert best["trial_id"] in {s.trial_id for s in sft.trials()}
+    for spec in dpo.trials():
+        assert spec.start is not None and spec.start.trial_id == best["trial_id"], spec
+        # The pod's own record of what it trained from.
+        train = store.read_json(f"smoke-dpo/{spec.trial_id}/train.json")
+        assert best["trial_id"] in json.dumps(train)
+
+
+def test_status_and_report_read_the_store(smoke, release):
+    _, plans, store = smoke
+    status = submitter(release, "status", "jobs/smoke.yaml").stdout
+    for plan in plans:
+        for spec in plan.trials():
+            line = next(l for l in status.splitlines() if spec.trial_id in l)
+            assert " done " in line and "Succeeded" in line, line
+    submitter(release, "report", "jobs/smoke.yaml")
+    for sweep in ("smoke-sft", "smoke-dpo"):
+        report = store.read_bytes(f"{sweep}/report/report.md").decode()
+        assert "| **best** |" in report, report[:1500]
+        assert store.exists(f"{sweep}/report/metrics.png")
+        assert (ROOT / "build" / "reports" / sweep / "report.md").exists()
+
+
+def test_resubmit_creates_no_jobs(smoke, release):
+    before = sorted(j["metadata"]["uid"] for j in jobs())
+    out = submitter(release, "submit", "jobs/smoke.yaml", timeout=600).stdout
+    after = sorted(j["metadata"]["uid"] for j in jobs())
+    assert after == before
+    _, plans, _ = smoke
+    for plan in plans:
+        for spec in plan.all_specs():
+            assert f"({spec.trial_id}): done in the store, not submitted" in out, out[-3000:]
+    assert "created job" not in out
+
+
+def test_broken_sweep_fails_before_any_job(smoke, release, tmp_path):
+    text = (ROOT / "jobs" / "smoke.yaml").read_text().replace("name: smoke-sft", "name: e2e-broken-sft") \
+        .replace("name: smoke-dpo", "name: e2e-broken-dpo").replace("from: smoke-sft:best", "from: e2e-broken-sft:best")
+    # The first SFT trial is fine; the second has a learning rate nobody meant.
+    text = text.replace("{name: lr-low, lr: 1.0e-4,", "{name: lr-low, lr: fast,")
+    broken = tmp_path / "e2e-broken.yaml"
+    broken.write_text(text)
+    before = sorted(j["metadata"]["uid"] for j in jobs())
+    proc = submitter(release, "submit", str(broken), check=False, timeout=300)
+    assert proc.returncode == 2
+    message = proc.stdout + proc.stderr
+    assert "nothing was submitted" in message and "lr" in message and "Fix" in message, message[-2000:]
+    assert "Traceback" not in message
+    assert sorted(j["metadata"]["uid"] for j in jobs()) == before
+    assert jobs("finesweep.io/sweep=e2e-broken-sft") == []
+
+
+PREEMPT_SWEEP = """\
+# One long-enough SFT trial for tests/e2e: its pod is deleted mid-training.
+name: e2e-preempt
+stage: sft
+model: build/tiny-llama
+dataset: {path: tests/fixtures/datasets/databricks-dolly-15k, format: dolly, split: train, test_fraction: 0.2, seed: 7}
+prompt_format: chat
+max_length: 128
+eval: {set: sft-open-questions, max_new_tokens: 8, batch_size: 12, heldout_rows: 4, bootstrap_samples: 50}
+select: {metric: heldout_perplexity}
+defaults: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batch_size: 1, epochs: 12, lr: 1.0e-3}
+trials:
+  - {name: deleted-mid-run}
+"""
+
+
+def test_pod_deleted_mid_run_is_retried_and_completes(smoke, release, tmp_path):
+    sweep_file = tmp_path / "e2e-preempt.yaml"
+    sweep_file.write_text(PREEMPT_SWEEP)
+    submitter(release, "submit", str(sweep_file), timeout=600)
+    (job,) = jobs("finesweep.io/sweep=e2e-preempt,finesweep.io/stage=sft")
+    name = job["metadata"]["name"]
+
+    # Wait until training is under way but far from done, then delete the pod (as a node drain or a user would).
+    deadline, first = time.time() + 600, None
+    while time.time() < deadline:
+        for pod in pods(f"batch.kubernetes.io/job-name={name}"):
+            train = [c for c in pod["status"].get("initContainerStatuses") or [] if c["name"] == "train"]
+            if not train or "running" not in (train[0].get("state") or {}):
+                continue
+            logs = kubectl("logs", pod["metadata"]["name"], "-n", NAMESPACE, "-c", "train", check=False).stdout
+            steps = [(int(a), int(b)) for a, b in re.findall(r"step (\d+)/(\d+)", logs)]
+            if steps and steps[-1][0] >= 10:
+                first, (at_step, total_steps) = pod["metadata"]["name"], steps[-1]
+                break
+        if first:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the trial never got 10 steps into training")
+    assert at_step < total_steps - 20, f"training too fast to interrupt: step {at_step}/{total_steps}"
+    kubectl("delete", "pod", first, "-n", NAMESPACE, "--wait=false")
+
+    (done,) = wait_jobs_complete(MANAGED, expected=1, timeout=900, field_selector=f"metadata.name={name}")
+    # Exit 143 after the checkpoint matches the podFailurePolicy's Ignore rule: not a counted failure.
+    assert (done["status"].get("failed") or 0) == 0, done["status"]
+    (second,) = [p for p in pods(f"batch.kubernetes.io/job-name={name}") if p["metadata"]["name"] != first]
+    resumed = kubectl("logs", second["metadata"]["name"], "-n", NAMESPACE, "-c", "train").stdout
+    assert "resuming from" in resumed, resumed[-3000:]
+
+    store = store_of(release)
+    trial_id = job["metadata"]["labels"]["finesweep.io/trial"]
+    train = store.read_json(f"e2e-preempt/{trial_id}/train.json")
+    # Same step count as an uninterrupted run, and the loss curve continues where the first pod stopped.
+    assert train["steps"] == total_steps
+    logged = [e["step"] for e in train["log_history"] if "loss" in e]
+    assert logged == sorted(set(logged)) and logged[-1] <= total_steps
+
+
+def test_submitter_role_is_least_privilege(release):
+    sa = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
+
+    def can(verb: str, resource: str, namespace: str = NAMESPACE) -> bool:
+        proc = kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", sa, check=False)
+        return proc.stdout.strip() == "yes"
+
+    for verb, resource in [("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"),
+                           ("delete", "jobs.batch"), ("create", "configmaps"), ("get", "configmaps"),
+                           ("list", "pods"), ("get", "pods/log"), ("list", "events")]:
+        assert can(verb, resource), f"the submitter needs {verb} {resource}"
+    for verb, resource in [("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("create", "pods/exec"),
+                           ("patch", "jobs.batch"), ("update", "jobs.batch"), ("update", "configmaps"),
+                           ("create", "roles.rbac.authorization.k8s.io"), ("create", "serviceaccounts/token")]:
+        assert not can(verb, resource), f"the submitter must not {verb} {resource}"
+    assert not can("create", "jobs.batch", "default"), "the Role must stay in its namespace"
+    assert not can("list", "nodes", "")
+
+
+OOM_SWEEP = """\
+# One SFT trial whose pod gets far too little memory (the release in OOM_NAMESPACE): it is OOMKilled.
+name: e2e-oom
+stage: sft
+model: build/tiny-llama
+dataset: {path: tests/fixtures/datasets/databricks-dolly-15k, format: dolly, split: train, test_fraction: 0.2}
+prompt_format: chat
+max_length: 128
+eval: {set: sft-open-questions, max_new_tokens: 8, batch_size: 12, heldout_rows: 4, bootstrap_samples: 50}
+select: {metric: heldout_perplexity}
+defaults: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batch_size: 1, epochs: 1, lr: 1.0e-3}
+trials:
+  - {name: starved}
+"""
+
+
+def test_out_of_memory_trial_fails_with_its_reason_in_status_and_report(cluster, minio_server, tmp_path_factory,
+                                                                        tmp_path):
+    starved = install_release(OOM_NAMESPACE, minio_server, tmp_path_factory, {
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "96Mi"}},
+        "shmSize": "16Mi", "backoffLimit": 0})
+    sweep_file = tmp_path / "e2e-oom.yaml"
+    sweep_file.write_text(OOM_SWEEP)
+    submitter(starved, "submit", str(sweep_file), timeout=600)
+
+    deadline = time.time() + 600
+    while True:
+        found = jobs("finesweep.io/sweep=e2e-oom", namespace=OOM_NAMESPACE)
+        if found and all(condition(j) for j in found):
+            break
+        assert time.time() < deadline, [(j["metadata"]["name"], condition(j)) for j in found]
+        time.sleep(3)
+    assert {condition(j) for j in found} == {"Failed"}
+
+    status = submitter(starved, "status", str(sweep_file)).stdout
+    line = next(l for l in status.splitlines() if " starved " in l)
+    assert " failed " in line and "OOMKilled (exit 137)" in line, status
+
+    submitter(starved, "report", str(sweep_file))
+    store = store_of(starved)
+    trial = next(j for j in found if j["metadata"]["labels"]["finesweep.io/stage"] == "sft")
+    marker = store.read_json(f"e2e-oom/{trial['metadata']['labels']['finesweep.io/trial']}/_FAILED")
+    assert marker["exit_code"] == 137 and "OOMKilled" in marker["reason"]
+    report = store.read_bytes("e2e-oom/report/report.md").decode()
+    assert "starved: failed in job (exit 137)" in report and "OOMKilled" in report, report[:3000]
