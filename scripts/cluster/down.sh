@@ -57,6 +57,15 @@ for controller in /sys/fs/cgroup/*/; do
   find "$controller/kubepods" -depth -type d -exec rmdir {} + 2>/dev/null
 done
 
+# What the kubelet and containerd hard-code outside the cluster dir: container log links, the device-plugin
+# socket, runc's and the shims' state dirs (removed only when empty: Docker's containerd shares /run/containerd).
+find /var/log/containers -maxdepth 1 -lname "$CLUSTER_DIR/*" -delete 2>/dev/null
+rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+for d in /var/lib/kubelet/device-plugins /var/lib/kubelet /var/log/containers /run/containerd/runc/k8s.io \
+         /run/containerd/runc /run/containerd/s /run/containerd; do
+  rmdir "$d" 2>/dev/null
+done
+
 rm -rf "$CLUSTER_DIR"
 
 # ------------------------------------------------------------------------------------------ leftovers?
@@ -68,8 +77,11 @@ for pattern in "$K8S_BIN/" "etcd --name finesweep" "containerd --config $CLUSTER
 done
 if grep -q " $CLUSTER_DIR" /proc/self/mounts; then log "leftover mounts:"; grep " $CLUSTER_DIR" /proc/self/mounts >&2; leftover=1; fi
 if ip link show fsweep0 >/dev/null 2>&1; then log "leftover bridge fsweep0"; leftover=1; fi
+if [[ -e /var/lib/kubelet/device-plugins/kubelet.sock ]] || find /var/log/containers -maxdepth 1 -lname "$CLUSTER_DIR/*" 2>/dev/null | grep -q .; then
+  log "leftover kubelet files in /var/lib/kubelet or /var/log/containers"; leftover=1
+fi
 if ls -d /sys/fs/cgroup/*/kubepods >/dev/null 2>&1; then
   log "leftover cgroups:"; ls -d /sys/fs/cgroup/*/kubepods >&2; leftover=1
 fi
 if ((leftover)); then log "teardown left the above behind"; exit 1; fi
-log "down: no processes, mounts, network devices or cgroups left"
+log "down: no processes, mounts, network devices, cgroups or files left"
