@@ -648,6 +648,46 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason", "exit_code"}
 
 
+def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster, local_store, example_sweeps,
+                                                                     settings):
+    """An OOMKilled pod cannot write its own _FAILED marker: the submitter writes it, so status, report and a
+    pipeline waiting on the sweep see the failure (instead of waiting for a marker that never comes)."""
+    from finesweep.store import LocalStore, trial_state
+    from submitter import commands
+    from submitter.plan import SweepPlan
+
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
+    plan = SweepPlan(sweep, None)
+    specs = plan.all_specs()
+    k8s_backend.submit(sweep, specs, STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO())
+    starved = fake_cluster.jobs[km.job_name(specs[-1])]
+    starved["status"] = {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit"}]}
+    fake_cluster.pods.append(_pod(starved, "p-oom", "2026-01-01T00:00:00Z",
+                                  {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, {"waiting": {}}))
+    store = LocalStore(local_store)
+
+    assert commands.record_cluster_failures(plan, store, settings) == 1
+    marker = store.read_json(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
+    assert marker["exit_code"] == 137 and marker["phase"] == "job" and marker["job"] == starved["metadata"]["name"]
+    assert marker["reason"] == ("BackoffLimitExceeded: Job has reached the specified backoff limit; "
+                                "last pod: train: OOMKilled (exit 137)")
+    assert trial_state(store, sweep.name, specs[-1].trial_id) != "done"
+    assert commands.record_cluster_failures(plan, store, settings) == 0  # written once
+
+    # The rest finish; a pipeline waiting on this sweep returns instead of polling for a week.
+    fake_cluster.finish_all()
+    for i, spec in enumerate(specs[:-1]):
+        store.write_json(f"{sweep.name}/{spec.trial_id}/eval.json", {"summary": {sweep.select.metric: float(i)}})
+        store.write_marker(f"{sweep.name}/{spec.trial_id}/_DONE", {})
+    store.delete(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
+    commands.wait_for_sweep(plan, store, poll_s=0, timeout_s=5,
+                            on_poll=lambda: commands.record_cluster_failures(plan, store, settings))
+    assert store.exists(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
+    assert store.read_json(f"{sweep.name}/best.json")["trial_id"] in {s.trial_id for s in specs[:-1]}
+
+
 def _pod(job: dict, name: str, created: str, init_state: dict | None, main_state: dict) -> dict:
     labels = dict(job["spec"]["template"]["metadata"]["labels"],
                   **{"batch.kubernetes.io/job-name": job["metadata"]["name"]})
