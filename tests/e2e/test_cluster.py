@@ -63,6 +63,17 @@ def store_of(release: dict):
     return S3Store(release["store"])
 
 
+def test_helm_test_reaches_the_store_from_a_pod(release):
+    """The chart's own test hook: the bucket is readable and writable from inside the cluster, with the
+    credentials of the existingSecret, exactly as trial pods will use them."""
+    from tests.e2e.conftest import helm
+
+    # No --logs: the hook pod is deleted on success before helm could read them (helm/helm#9098); the pod
+    # exits 0 only after its head/put/get/delete round trip.
+    out = helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "3m").stdout
+    assert re.search(r"TEST SUITE:\s+finesweep-test-store\s.*Phase:\s+Succeeded", out, re.S), out
+
+
 @pytest.fixture(scope="module")
 def smoke(release):
     """jobs/smoke.yaml submitted once with the k8s backend and run to completion: (submit output, plans)."""
@@ -163,20 +174,22 @@ def test_broken_sweep_fails_before_any_job(smoke, release, tmp_path):
     assert jobs("finesweep.io/sweep=e2e-broken-sft") == []
 
 
-PREEMPT_SWEEP = """\
-# One long-enough SFT trial for tests/e2e: its pod is deleted mid-training.
-name: e2e-preempt
+ONE_TRIAL_SWEEP = """\
+# {purpose}
+name: {name}
 stage: sft
 model: build/tiny-llama
-dataset: {path: tests/fixtures/datasets/databricks-dolly-15k, format: dolly, split: train, test_fraction: 0.2, seed: 7}
+dataset: {{path: tests/fixtures/datasets/databricks-dolly-15k, format: dolly, split: train, test_fraction: 0.2}}
 prompt_format: chat
 max_length: 128
-eval: {set: sft-open-questions, max_new_tokens: 8, batch_size: 12, heldout_rows: 4, bootstrap_samples: 50}
-select: {metric: heldout_perplexity}
-defaults: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batch_size: 1, epochs: 12, lr: 1.0e-3}
+eval: {{set: sft-open-questions, max_new_tokens: 8, batch_size: 12, heldout_rows: 4, bootstrap_samples: 50}}
+select: {{metric: heldout_perplexity}}
+defaults: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batch_size: 1, epochs: {epochs}, lr: 1.0e-3}}
 trials:
-  - {name: deleted-mid-run}
+  - {{name: {trial}}}
 """
+PREEMPT_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One long-enough SFT trial: its pod is deleted mid-training.",
+                                       name="e2e-preempt", epochs=12, trial="deleted-mid-run")
 
 
 def test_pod_deleted_mid_run_is_retried_and_completes(smoke, release, tmp_path):
@@ -241,20 +254,8 @@ def test_submitter_role_is_least_privilege(release):
     assert not can("list", "nodes", "")
 
 
-OOM_SWEEP = """\
-# One SFT trial whose pod gets far too little memory (the release in OOM_NAMESPACE): it is OOMKilled.
-name: e2e-oom
-stage: sft
-model: build/tiny-llama
-dataset: {path: tests/fixtures/datasets/databricks-dolly-15k, format: dolly, split: train, test_fraction: 0.2}
-prompt_format: chat
-max_length: 128
-eval: {set: sft-open-questions, max_new_tokens: 8, batch_size: 12, heldout_rows: 4, bootstrap_samples: 50}
-select: {metric: heldout_perplexity}
-defaults: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batch_size: 1, epochs: 1, lr: 1.0e-3}
-trials:
-  - {name: starved}
-"""
+OOM_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One SFT trial whose pod gets far too little memory: it is OOMKilled.",
+                                   name="e2e-oom", epochs=1, trial="starved")
 
 
 def test_out_of_memory_trial_fails_with_its_reason_in_status_and_report(cluster, minio_server, tmp_path_factory,
