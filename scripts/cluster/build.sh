@@ -22,7 +22,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   stamp+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
   stamp+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-echo "building Kubernetes $version components into $out (cold: 20-30 min on 2 cores)" >&2
+echo "building Kubernetes $version components into $out (cold: ~5 min on 2 cores, 630 MB of modules)" >&2
 cd "$mod"
 pkgs=()
 for c in "${components[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
