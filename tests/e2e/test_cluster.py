@@ -145,6 +145,30 @@ def test_status_and_report_read_the_store(smoke, release):
         assert (ROOT / "build" / "reports" / sweep / "report.md").exists()
 
 
+def test_no_credential_in_anything_the_cluster_run_produced(smoke, release):
+    """Manifests, ConfigMaps, pod specs, events, every container's log, every text object in the store and the
+    submitter's output: none holds the S3 credentials or the submitter's token (Secrets themselves excepted)."""
+    import base64
+
+    output, _, store = smoke
+    texts = {"submit output": output,
+             "objects": kubectl("get", "jobs,configmaps,pods,events,serviceaccounts,roles", "-n", NAMESPACE,
+                                "-o", "yaml").stdout}
+    for pod in pods(MANAGED):
+        spec = pod["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            name = f"log {pod['metadata']['name']}/{container['name']}"
+            texts[name] = kubectl("logs", pod["metadata"]["name"], "-n", NAMESPACE, "-c", container["name"]).stdout
+    for key in store.list(""):
+        if key.endswith((".json", ".md", ".log", ".txt", ".yaml", ".csv")):
+            texts[f"store {key}"] = store.read_bytes(key).decode("utf-8", "replace")
+    assert len(texts) > 20
+    secrets = [release["env"]["AWS_SECRET_ACCESS_KEY"], release["env"]["AWS_ACCESS_KEY_ID"], release["token"]]
+    needles = secrets + [base64.b64encode(s.encode()).decode() for s in secrets]
+    leaks = [(where, i) for where, text in texts.items() for i, needle in enumerate(needles) if needle in text]
+    assert not leaks, f"credentials found in: {leaks}"
+
+
 def test_resubmit_creates_no_jobs(smoke, release):
     before = sorted(j["metadata"]["uid"] for j in jobs())
     out = submitter(release, "submit", "jobs/smoke.yaml", timeout=600).stdout
