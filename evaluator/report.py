@@ -66,8 +66,9 @@ def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
             warnings.append(f"{r['name']}: its adapter changes no logit (max diff 0): it behaves like its start "
                             "model")
         if r["state"] == "failed":
-            warnings.append(f"{r['name']}: failed in {r['failure']['phase']} (exit {r['failure'].get('exit_code', '?')}): "
-                            f"{r['failure']['reason']}")
+            failure = r["failure"]
+            warnings.append(f"{r['name']}: failed in {failure['phase']} (exit {failure.get('exit_code', '?')}): "
+                            f"{failure['reason']}")
     return warnings
 
 

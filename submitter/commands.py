@@ -59,8 +59,8 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
                 plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
             else:
                 earlier = next(p for p in plans[:i] if p.sweep.name == plan.sweep.start_sweep)
-                wait_for_sweep(earlier, store,
-                               on_poll=lambda p=earlier: record_cluster_failures(p, store, settings))
+                wait_for_sweep(earlier, store, on_poll=lambda p=earlier: record_cluster_failures(
+                    p, store, k8s_backend.status(p.sweep.name, settings)))
                 plan.start = resolve_start(plan.sweep, store)
         created = k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=dry_run)
         if not dry_run:
@@ -78,23 +78,22 @@ def k8s_overrides(args) -> dict:
     return overrides
 
 
-def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, settings) -> int:
+def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, rows: list[dict]) -> int:
     """Write the _FAILED marker for trials whose Job the cluster gave up on (OOMKilled, exit 3, deadline): the
     pod could not write it itself, and status, report and a waiting pipeline read failures from the store.
-    Returns how many markers were written."""
-    from . import k8s_backend
-
+    `rows` are the sweep's k8s_backend.status rows. Returns how many markers were written."""
+    specs = {s.trial_id: s for s in plan.all_specs()}
     written = 0
-    for trial_id, row in k8s_backend.failed_jobs(plan.sweep.name, settings).items():
-        spec = next((s for s in plan.all_specs() if s.trial_id == trial_id), None)
-        if spec is None:
+    for row in rows:
+        spec = specs.get(row["trial_id"])
+        if row["phase"] != "Failed" or spec is None:
             continue
         prefix = trial_prefix(spec.sweep, spec.trial_id)
         if trial_state(store, spec.sweep, spec.trial_id) == "done" or store.exists(f"{prefix}/{FAILED}"):
             continue
         store.write_json(f"{prefix}/{FAILED}", {"phase": "job", "job": row["job"], "exit_code": row["exit_code"],
                                                 "reason": row["reason"], "at": time.time()})
-        log.warning("%s/%s (%s): job %s failed: %s", spec.sweep, spec.name, trial_id, row["job"], row["reason"])
+        log.warning("%s/%s (%s): job %s failed: %s", spec.sweep, spec.name, spec.trial_id, row["job"], row["reason"])
         written += 1
     return written
 
@@ -129,9 +128,10 @@ def status(args, store: ArtifactStore) -> int:
 
         settings = k8s_backend.load_settings(k8s_overrides(args))
         for plan in plans:
-            phases.update({row["trial_id"]: row for row in k8s_backend.status(plan.sweep.name, settings)})
+            rows = k8s_backend.status(plan.sweep.name, settings)
+            phases.update({row["trial_id"]: row for row in rows})
             if plan.resolved:
-                record_cluster_failures(plan, store, settings)
+                record_cluster_failures(plan, store, rows)
     for plan in plans:
         metric = plan.sweep.select.metric
         print(f"\nsweep {plan.sweep.name} ({plan.sweep.stage})" +

@@ -280,11 +280,6 @@ def _failed_container(pod: dict) -> tuple[str, int | None]:
     return "", None
 
 
-def failed_jobs(sweep_name: str, settings: ClusterSettings) -> dict[str, dict]:
-    """trial id -> status row, for the sweep's Jobs that the cluster gave up on."""
-    return {row["trial_id"]: row for row in status(sweep_name, settings) if row["phase"] == "Failed"}
-
-
 def _pod_phase(pod: dict) -> tuple[str, str]:
     status_ = pod.get("status") or {}
     for container in status_.get("initContainerStatuses") or []:

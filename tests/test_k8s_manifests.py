@@ -668,13 +668,13 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
                                   {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, {"waiting": {}}))
     store = LocalStore(local_store)
 
-    assert commands.record_cluster_failures(plan, store, settings) == 1
+    assert commands.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 1
     marker = store.read_json(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
     assert marker["exit_code"] == 137 and marker["phase"] == "job" and marker["job"] == starved["metadata"]["name"]
     assert marker["reason"] == ("BackoffLimitExceeded: Job has reached the specified backoff limit; "
                                 "last pod: train: OOMKilled (exit 137)")
     assert trial_state(store, sweep.name, specs[-1].trial_id) != "done"
-    assert commands.record_cluster_failures(plan, store, settings) == 0  # written once
+    assert commands.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 0  # written once
 
     # The rest finish; a pipeline waiting on this sweep returns instead of polling for a week.
     fake_cluster.finish_all()
@@ -683,7 +683,8 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
         store.write_marker(f"{sweep.name}/{spec.trial_id}/_DONE", {})
     store.delete(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
     commands.wait_for_sweep(plan, store, poll_s=0, timeout_s=5,
-                            on_poll=lambda: commands.record_cluster_failures(plan, store, settings))
+                            on_poll=lambda: commands.record_cluster_failures(
+                                plan, store, k8s_backend.status(sweep.name, settings)))
     assert store.exists(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
     assert store.read_json(f"{sweep.name}/best.json")["trial_id"] in {s.trial_id for s in specs[:-1]}
 

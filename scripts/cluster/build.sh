@@ -3,10 +3,10 @@
 # of the pinned Kubernetes release from its Go modules (k8s/local-cluster/components/go.mod),
 # into a cache keyed by version, so a warm run is a no-op.
 set -euo pipefail
-here="$(cd "$(dirname "$0")/../.." && pwd)"
-mod="$here/k8s/local-cluster/components"
-version="$(awk '/^require k8s.io\/kubernetes /{print $3}' "$mod/go.mod")"
-out="${FINESWEEP_CACHE:-$HOME/.cache/finesweep}/k8s/$version/bin"
+source "$(dirname "$0")/lib.sh"
+mod="$ROOT/k8s/local-cluster/components"
+version="$K8S_VERSION"
+out="$K8S_BIN"
 components=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 
 missing=0

@@ -47,9 +47,9 @@ fi
 
 # Network: namespaces the CNI bridge plugin made for non-hostNetwork pods, and its bridge.
 for ns in $(ip netns list 2>/dev/null | awk '/^cni-/{print $1}'); do
-  if ip netns exec "$ns" ip -o addr show 2>/dev/null | grep -q '10\.88\.77\.'; then ip netns delete "$ns"; fi
+  if ip netns exec "$ns" ip -o addr show 2>/dev/null | grep -qF " ${POD_SUBNET%.*}."; then ip netns delete "$ns"; fi
 done
-ip link show fsweep0 >/dev/null 2>&1 && ip link delete fsweep0
+ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && ip link delete "$CNI_BRIDGE"
 
 # cgroups the kubelet created for pods (kubepods/...), per controller, deepest first; empty by now.
 for controller in /sys/fs/cgroup/*/; do
@@ -76,7 +76,7 @@ for pattern in "$K8S_BIN/" "etcd --name finesweep" "containerd --config $CLUSTER
   fi
 done
 if grep -q " $CLUSTER_DIR" /proc/self/mounts; then log "leftover mounts:"; grep " $CLUSTER_DIR" /proc/self/mounts >&2; leftover=1; fi
-if ip link show fsweep0 >/dev/null 2>&1; then log "leftover bridge fsweep0"; leftover=1; fi
+if ip link show "$CNI_BRIDGE" >/dev/null 2>&1; then log "leftover bridge $CNI_BRIDGE"; leftover=1; fi
 if [[ -e /var/lib/kubelet/device-plugins/kubelet.sock ]] || find /var/log/containers -maxdepth 1 -lname "$CLUSTER_DIR/*" 2>/dev/null | grep -q .; then
   log "leftover kubelet files in /var/lib/kubelet or /var/log/containers"; leftover=1
 fi

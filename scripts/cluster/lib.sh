@@ -1,4 +1,4 @@
-# Shared settings of the offline single-node cluster (sourced by up.sh, down.sh, dump.sh, load-images.sh).
+# Shared settings of the offline single-node cluster (sourced by every script in scripts/cluster/).
 # Every server binds to 127.0.0.1; every path the cluster writes is under $CLUSTER_DIR (wiped by down.sh),
 # except the version-keyed build cache under $CLUSTER_CACHE.
 # Knobs: FINESWEEP_CLUSTER_DIR, FINESWEEP_CACHE, CLUSTER_PORT_BASE (ports are BASE+offset, default 26000).
@@ -12,6 +12,9 @@ CLUSTER_DIR="${FINESWEEP_CLUSTER_DIR:-/tmp/finesweep-cluster}"
 # refuses a loopback --node-ip), which is where the API server reaches it for logs and exec.
 NODE_NAME="127.0.0.1"
 PAUSE_IMAGE="finesweep.local/pause:3.10"
+# The CNI bridge for pods without hostNetwork, and their addresses (host-local IPAM).
+CNI_BRIDGE="fsweep0"
+POD_SUBNET="10.88.77.0/24"
 
 port_base="${CLUSTER_PORT_BASE:-26000}"
 ETCD_PORT=$((port_base + 79))          # etcd clients

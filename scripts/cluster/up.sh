@@ -169,8 +169,8 @@ wait_for kube-scheduler 60 curl -skf "https://127.0.0.1:$SCHEDULER_PORT/healthz"
 # store on the node's loopback.
 cat >"$CLUSTER_DIR/cni/net.d/10-finesweep.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "finesweep-local", "plugins": [
-  {"type": "bridge", "bridge": "fsweep0", "isGateway": false, "ipMasq": false, "hairpinMode": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.77.0/24"}]],
+  {"type": "bridge", "bridge": "$CNI_BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_SUBNET"}]],
             "dataDir": "$CLUSTER_DIR/cni/ipam"}}]}
 EOF
 

@@ -34,8 +34,8 @@ EVALUATOR_IMAGE = os.environ.get("EVALUATOR_IMAGE", "finesweep/evaluator:0.1.0")
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "KUBECONFIG": KUBECONFIG, **(env or {})})
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "KUBECONFIG": KUBECONFIG, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
@@ -81,7 +81,7 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
     s3 = minio.env()
     core.create_namespaced_secret(namespace, client.V1Secret(
         metadata=client.V1ObjectMeta(name="e2e-s3"), type="Opaque",
-        string_data={"AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"]}))
+        string_data={name: s3[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}))
 
     # The pods run as uid 1000: a world-readable copy of the tiny model (its weights are written 0600).
     model_dir = tmp_path_factory.mktemp("hostpath") / "tiny-llama"

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import NAMESPACE, OOM_NAMESPACE, RELEASE, ROOT, install_release, kubectl, submitter
+from tests.e2e.conftest import (NAMESPACE, OOM_NAMESPACE, RELEASE, ROOT, helm, install_release, kubectl,
+                                submitter)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -66,8 +67,6 @@ def store_of(release: dict):
 def test_helm_test_reaches_the_store_from_a_pod(release):
     """The chart's own test hook: the bucket is readable and writable from inside the cluster, with the
     credentials of the existingSecret, exactly as trial pods will use them."""
-    from tests.e2e.conftest import helm
-
     # No --logs: the hook pod is deleted on success before helm could read them (helm/helm#9098); the pod
     # exits 0 only after its head/put/get/delete round trip.
     out = helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "3m").stdout
