@@ -258,6 +258,71 @@ def test_pod_deleted_mid_run_is_retried_and_completes(smoke, release, tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] <= total_steps
 
 
+OUTAGE_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One SFT trial whose store (MinIO) goes down while it trains.",
+                                     name="e2e-outage", epochs=3, trial="store-outage")
+
+
+def test_store_outage_during_a_cluster_trial_loses_nothing(smoke, release, minio_server, tmp_path):
+    """MinIO stops while a trial pod trains and comes back once the pod has felt it: the pod's store calls wait
+    (a retry line in `kubectl logs`), the Job completes without a counted failure, every file matches its marker."""
+    sweep_file = tmp_path / "e2e-outage.yaml"
+    sweep_file.write_text(OUTAGE_SWEEP)
+    submitter(release, "submit", str(sweep_file), timeout=600)
+    (job,) = jobs("finesweep.io/sweep=e2e-outage,finesweep.io/stage=sft")
+    name = job["metadata"]["name"]
+
+    def pod_logs() -> str:  # of every pod of the Job so far (one, unless the outage cost a pod)
+        return "".join(kubectl("logs", pod["metadata"]["name"], "-n", NAMESPACE, "-c", c, check=False).stdout
+                       for pod in pods(f"batch.kubernetes.io/job-name={name}") for c in ("train", "eval"))
+
+    # Down once training is under way (the trainer touches the store only before and after its steps) ...
+    deadline = time.time() + 600
+    while not re.search(r"step \d+/\d+", pod_logs()):
+        assert time.time() < deadline, "the trial never started training"
+        time.sleep(1)
+    minio_server.stop(kill=True)
+    outage_started = time.time()
+    try:
+        # ... and back once a store call of the pod has failed and is waiting (upload of the adapter, or the
+        # evaluator's download of it if the upload beat the outage).
+        while "retrying in" not in pod_logs():
+            assert time.time() - outage_started < 300, f"no store retry in the pod's logs:\n{pod_logs()[-3000:]}"
+            time.sleep(2)
+        time.sleep(5)
+    finally:
+        minio_server.start()
+    print(f"store outage: {time.time() - outage_started:.0f}s")
+
+    (done,) = wait_jobs_complete(MANAGED, expected=1, timeout=900, field_selector=f"metadata.name={name}")
+    assert (done["status"].get("failed") or 0) == 0, done["status"]
+    store = store_of(release)
+    trial_id = job["metadata"]["labels"]["finesweep.io/trial"]
+    trained = store.verify_marker(f"e2e-outage/{trial_id}/_TRAINED")  # every file there, checksums equal
+    assert any(k.endswith("adapter_model.safetensors") for k in trained["files"])
+    store.verify_marker(f"e2e-outage/{trial_id}/_DONE")
+    assert store.read_json(f"e2e-outage/{trial_id}/eval.json")["summary"]
+
+
+def test_trial_pods_ran_unprivileged(smoke):
+    """What the kubelet ran, read back from the API: every trial container as uid 1000 (non-root), on a
+    read-only root filesystem, no privilege escalation, no capabilities, no ServiceAccount token mounted; and
+    these pods trained and evaluated under it (their Jobs completed)."""
+    ran = [p for p in pods(MANAGED) if p["status"].get("phase") == "Succeeded"]
+    assert len(ran) >= 7, [p["metadata"]["name"] for p in ran]
+    for pod in ran:
+        spec, name = pod["spec"], pod["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000, name
+        assert spec.get("automountServiceAccountToken") is False, name
+        # Reference rows (base, DPO start) only evaluate: no training init container.
+        containers = spec.get("initContainers", []) + spec["containers"]
+        mounts = [m["mountPath"] for c in containers for m in c["volumeMounts"]]
+        assert not any("serviceaccount" in m for m in mounts), (name, mounts)
+        for container in containers:
+            ctx = container["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False, (name, ctx)
+            assert ctx["capabilities"]["drop"] == ["ALL"] and not ctx["capabilities"].get("add"), (name, ctx)
+
+
 def test_submitter_role_is_least_privilege(release):
     sa = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
 
