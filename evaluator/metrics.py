@@ -17,24 +17,24 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def bleu_chrf(hypotheses: list[str], references: list[str], n_bootstrap: int = 1000) -> dict:
-    """Corpus BLEU (with a 95% bootstrap interval over rows) and chrF, with sacrebleu signatures."""
+    """Corpus BLEU and chrF with sacrebleu signatures, each with a bootstrap percentile interval over prompts
+    (the corpus score recomputed on each resample of prompts; rules in finesweep.stats)."""
     from sacrebleu.metrics import BLEU, CHRF
+
+    from finesweep import stats
 
     if not hypotheses:
         return {"rows": 0}
-    bleu, chrf = BLEU(), CHRF()
-    score = bleu.corpus_score(hypotheses, [references], n_bootstrap=n_bootstrap if len(hypotheses) > 1 else 1)
-    result = {
-        "rows": len(hypotheses),
-        "bleu": round(score.score, 4),
-        "bleu_signature": str(bleu.get_signature()),
-        "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 4),
-        "chrf_signature": str(chrf.get_signature()),
-    }
-    if getattr(score, "_ci", None) is not None:
-        mean, ci = float(score._mean), float(score._ci)
-        result["bleu_ci95"] = [round(max(0.0, mean - ci), 4), round(mean + ci, 4)]
-        result["bleu_bootstrap_samples"] = n_bootstrap
+    result = {"rows": len(hypotheses)}
+    entry = {"kind": "text", "ids": [str(i) for i in range(len(hypotheses))],
+             "values": [[h, r] for h, r in zip(hypotheses, references)]}
+    for metric, scorer in (("bleu", BLEU()), ("chrf", CHRF())):
+        # The plain corpus score (it also sets what the signature records, e.g. the number of references).
+        result[metric] = round(scorer.corpus_score(hypotheses, [references]).score, 4)
+        ci, method = stats.interval(stats.metric_rows(metric, entry), 0.95, n_bootstrap)
+        result[f"{metric}_ci95"] = [round(ci[0], 4), round(ci[1], 4)]
+        result[f"{metric}_signature"] = str(scorer.get_signature())
+    result.update(bleu_interval=method, bleu_bootstrap_samples=n_bootstrap)
     return result
 
 
@@ -75,9 +75,12 @@ def output_fingerprint(answers: list[str]) -> str:
     return hashlib.sha256("\x1e".join(answers).encode()).hexdigest()[:16]
 
 
-def identical_groups(fingerprints: dict[str, str]) -> list[list[str]]:
-    """Groups (of two or more names) whose outputs are byte-identical."""
+def identical_groups(fingerprints: dict[str, dict[str, str] | str]) -> list[list[str]]:
+    """Groups (of two or more names) whose outputs are byte-identical on every eval set: `fingerprints` maps a
+    name to {set name: fingerprint} (or to one fingerprint). Two trials that differ on any set are not
+    identical, and a set one of them lacks counts as a difference."""
     groups = defaultdict(list)
     for name, fp in fingerprints.items():
-        groups[fp].append(name)
+        key = tuple(sorted(fp.items())) if isinstance(fp, dict) else fp
+        groups[key].append(name)
     return [sorted(names) for names in groups.values() if len(names) > 1]

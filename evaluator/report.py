@@ -1,6 +1,8 @@
-"""Sweep report from the artifact store (no torch): leaderboard, warnings, plots, side-by-side answers.
+"""Sweep report from the artifact store (no torch): leaderboard with intervals, the selection and its test,
+warnings, plots, side-by-side answers.
 
-Writes <sweep>/report/{report.md, leaderboard.json, metrics.png, loss.png} into the store.
+Writes <sweep>/report/{report.md, leaderboard.json, metrics.png, loss.png} into the store. Intervals and
+comparisons come from finesweep.stats, the choice of best from finesweep.selection: the report restates them.
 """
 
 from __future__ import annotations
@@ -8,58 +10,87 @@ from __future__ import annotations
 import io
 import json
 import logging
+import statistics
 from collections import OrderedDict
 
+from finesweep import selection, stats
 from finesweep.spec import SELECTABLE_METRICS, TrialSpec
-from finesweep.store import FAILED, ArtifactStore, StoreError, trial_prefix, trial_state
+from finesweep.store import ArtifactStore, StoreError, read_status, trial_prefix
 
 from .metrics import identical_groups
 
 log = logging.getLogger("finesweep")
 
-# (column, summary key, format); shown when any row has a value.
+# (column, metric, format); shown when any row has a value.
 COLUMNS = [
     ("BLEU", "bleu", "{:.2f}"), ("chrF", "chrf", "{:.2f}"), ("ref ppl", "ref_perplexity", "{:.2f}"),
     ("held-out ppl", "heldout_perplexity", "{:.2f}"), ("pref acc", "preference_accuracy", "{:.3f}"),
-    ("reward margin", "reward_margin", "{:.4f}"), ("logp pref acc", "logp_preference_accuracy", "{:.3f}"),
+    ("logp pref acc", "logp_preference_accuracy", "{:.3f}"),
+    ("len-norm pref acc", "lennorm_preference_accuracy", "{:.3f}"),
+    ("log-ratio margin", "logratio_margin", "{:.4f}"), ("reward margin", "reward_margin", "{:.4f}"),
+    ("held-out DPO loss", "heldout_dpo_loss", "{:.4f}"),
     ("refusals", "refusal_rate", "{:.2f}"), ("repetition", "repetition_rate", "{:.3f}"),
-    ("math acc", "math_accuracy", "{:.3f}"),
+    ("math acc", "math_accuracy", "{:.3f}"), ("GSM8K acc", "gsm8k_accuracy", "{:.3f}"),
 ]
+MARKS = {selection.BEST: "**best**", selection.TIED: "tied with best", selection.WORSE: "worse",
+         selection.NOT_TESTED: "not tested"}
+NOT_APPLICABLE = "n/a"  # a figure that does not apply to a base/start row (e.g. preference accuracy): never a 0
 
 
 def collect_rows(store: ArtifactStore, specs: list[TrialSpec]) -> list[dict]:
     rows = []
     for spec in specs:
         prefix = trial_prefix(spec.sweep, spec.trial_id)
-        row = {"name": spec.name, "trial_id": spec.trial_id, "stage": spec.stage,
-               "state": trial_state(store, spec.sweep, spec.trial_id), "hyper": spec.hyper if spec.trains else None}
-        if store.exists(f"{prefix}/{FAILED}") and row["state"] != "done":
-            row["state"], row["failure"] = "failed", store.read_json(f"{prefix}/{FAILED}")
-        if row["state"] == "done":
+        status = read_status(store, spec.sweep, spec.trial_id)  # the store's one reading of a trial's state
+        row = {"name": spec.name, "trial_id": spec.trial_id, "stage": spec.stage, "state": status.state.value,
+               "attempts": status.attempt, "hyper": spec.hyper if spec.trains else None}
+        if status.failure is not None:
+            row["failure"] = status.failure.as_dict()
+        if status.done:
             row["eval"] = store.read_json(f"{prefix}/eval.json")
             row["summary"] = row["eval"]["summary"]
             row["samples"] = [json.loads(line) for line in store.read_bytes(f"{prefix}/samples.jsonl").decode()
                               .splitlines() if line.strip()]
-        if spec.trains and row["state"] in ("done", "trained"):
+        if spec.trains and status.trained:
             row["train"] = store.read_json(f"{prefix}/train.json")
         rows.append(row)
     return rows
 
 
+def row_figures(row: dict, n_boot: int = 1000) -> dict[str, dict]:
+    """{metric: {"value", "ci", "rows", "interval"}} for one finished row: from per-row data (every row of a
+    leaderboard is scored on the same ids, so intervals are comparable), else the summary value with what
+    interval eval.json recorded (none for most old files)."""
+    ev = row.get("eval") or {}
+    per_row = ev.get("per_row") or {}
+    figures = {m: {k: f[k] for k in ("value", "ci", "rows", "interval")}
+               for m, f in stats.summarize(per_row, selection.CONFIDENCE, n_boot).items()}
+    summary = ev.get("summary") or row.get("summary") or {}
+    for _, metric, _ in COLUMNS:
+        if metric in figures or not isinstance(summary.get(metric), (int, float)):
+            continue
+        ci = summary.get(f"{metric}_ci95")
+        figures[metric] = {"value": summary[metric], "ci": ci, "rows": summary.get(f"{metric}_rows"),
+                           "interval": "as recorded in eval.json" if ci else None}
+    return figures
+
+
 def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
-    """The failure modes the users hit: trials with identical outputs, trials that equal the base model,
-    adapters that change nothing."""
+    """The failure modes the users hit: trials with identical outputs (on every eval set), trials that equal
+    the base model, adapters that change nothing."""
     warnings = []
-    prints = {r["name"]: r["eval"]["sets"][primary_set]["fingerprint"] for r in rows if "eval" in r}
+    prints = {r["name"]: {name: s.get("fingerprint") for name, s in r["eval"]["sets"].items()}
+              for r in rows if "eval" in r}
     for group in identical_groups(prints):
         names = ", ".join(group)
+        sets = ", ".join(sorted(prints[group[0]])) or primary_set
         if any(n in ("base", "start") for n in group):
-            warnings.append(f"identical outputs: {names} generate exactly the same answers on {primary_set}; "
-                            "a trial that matches its base/start model did not change its answers "
+            warnings.append(f"identical outputs: {names} generate exactly the same answers on every eval set "
+                            f"({sets}); a trial that matches its base/start model did not change its answers "
                             "(adapter not loaded, or too little training)")
         else:
-            warnings.append(f"identical outputs: {names} generate exactly the same answers on {primary_set}; "
-                            "their BLEU and perplexity cannot tell them apart")
+            warnings.append(f"identical outputs: {names} generate exactly the same answers on every eval set "
+                            f"({sets}); their BLEU and perplexity cannot tell them apart")
     for r in rows:
         trust = r.get("eval", {}).get("trust")
         if trust is not None and not trust["adapter_changes_outputs"]:
@@ -72,22 +103,53 @@ def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
     return warnings
 
 
-def leaderboard_md(rows: list[dict], select_metric: str, best_id: str | None) -> str:
-    shown = [c for c in COLUMNS if any(r.get("summary", {}).get(c[1]) is not None for r in rows)]
-    head = ["", "trial", "id", "r", "alpha", "targets", "lr", "batch", "epochs", "beta"] + [c[0] for c in shown] + \
-        ["BLEU 95% CI", "final loss", "train time", "tok/s", "peak GB"]
+def _cell(figure: dict | None, fmt: str, row: dict, with_rows: bool) -> str:
+    if figure is None or figure.get("value") is None:
+        if row["stage"] == "base":
+            return NOT_APPLICABLE
+        return "-" if row["state"] == "done" else row["state"]
+    text = fmt.format(figure["value"])
+    ci = figure.get("ci")
+    text += f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else " (no interval)"
+    if with_rows and figure.get("rows") is not None:
+        text += f" ({figure['rows']})"
+    return text
+
+
+def _shown_columns(figures: dict[str, dict]) -> list[tuple[str, str, str]]:
+    return [c for c in COLUMNS if any(f.get(c[1], {}).get("value") is not None for f in figures.values())]
+
+
+def _column_rows(figures: dict[str, dict], metric: str) -> int | None:
+    """The row count of a metric when every leaderboard row has the same one (then the header states it)."""
+    counts = {f[metric].get("rows") for f in figures.values() if metric in f}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def leaderboard_md(rows: list[dict], figures: dict[str, dict], record: dict | None) -> str:
+    """One line per row: hyperparameters, each metric as `value [lo, hi]` (95%), the selection verdict."""
+    verdicts = {t["name"]: t["verdict"] for t in (record or {}).get("trials", [])}
+    ineligible = {t["name"] for t in (record or {}).get("ineligible", [])}
+    shown = _shown_columns(figures)
+    head = ["", "trial", "id", "r", "alpha", "targets", "lr", "batch", "epochs", "beta"]
+    with_rows = {}
+    for label, metric, _ in shown:
+        n = _column_rows(figures, metric)
+        with_rows[metric] = n is None
+        head.append(f"{label} ({n} rows)" if n is not None else f"{label} (rows)")
+    head += ["final loss", "train time", "tok/s", "peak GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        h, s, t = r["hyper"], r.get("summary", {}), r.get("train", {})
+        h, t = r["hyper"], r.get("train", {})
         hp = [str(h.r), str(h.alpha), ",".join(m.replace("_proj", "") for m in h.target_modules), f"{h.lr:g}",
               f"{h.batch_size}x{h.grad_accum}", f"{h.epochs:g}", f"{h.beta:g}" if r["stage"] == "dpo" else ""] \
             if h else ["", "", "", "", "", "", ""]
-        cells = [("**best**" if r["trial_id"] == best_id else ""), r["name"], f"`{r['trial_id']}`", *hp]
-        for _, key, fmt in shown:
-            v = s.get(key)
-            cells.append(fmt.format(v) if v is not None else ("-" if r["state"] == "done" else r["state"]))
-        ci = s.get("bleu_ci95")
-        cells.append(f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        mark = MARKS.get(verdicts.get(r["name"]), "ineligible" if r["name"] in ineligible and r["stage"] != "base"
+                         and r["state"] == "done" else "")
+        cells = [mark, r["name"], f"`{r['trial_id']}`", *hp]
+        row_figs = figures.get(r["name"], {})
+        for _, metric, fmt in shown:
+            cells.append(_cell(row_figs.get(metric), fmt, r, with_rows[metric]))
         cells.append(f"{t['final_loss']:.4f}" if t.get("final_loss") is not None else "")
         cells.append(f"{t['wall_time_s']:.0f}s" if t.get("wall_time_s") else "")
         cells.append(f"{t['tokens_per_s']:.0f}" if t.get("tokens_per_s") else "")
@@ -96,23 +158,116 @@ def leaderboard_md(rows: list[dict], select_metric: str, best_id: str | None) ->
     return "\n".join(lines)
 
 
-def plot_metrics(rows: list[dict], metrics: list[str]) -> bytes | None:
+def interval_widths(rows: list[dict], figures: dict[str, dict]) -> dict[str, dict]:
+    """Per metric: rows, the median 95% interval width over trials, the spread of trial values, and whether
+    the intervals are wider than the differences they would have to resolve."""
+    trials = [r["name"] for r in rows if r["stage"] != "base"]
+    out = {}
+    for _, metric, _ in _shown_columns(figures):
+        figs = [figures[n][metric] for n in trials if metric in figures.get(n, {})]
+        widths = [f["ci"][1] - f["ci"][0] for f in figs if f.get("ci")]
+        values = [f["value"] for f in figs if f.get("value") is not None]
+        if not widths:
+            continue
+        width, spread = statistics.median(widths), (max(values) - min(values) if values else 0.0)
+        out[metric] = {"rows": _column_rows(figures, metric), "median_width": width, "spread": spread,
+                       "too_few_rows_to_rank": len(values) > 1 and width > spread}
+    return out
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+
+
+def selection_md(record: dict) -> list[str]:
+    """How the best was chosen, in words a reviewer can check: rows, test, level, tied set, tie-break rule,
+    guardrails and who they excluded."""
+    md = ["## Selection", ""]
+    metric = record["metric"]
+    if record.get("guardrails"):
+        rails = ", ".join(f"{g['metric']} {'>=' if 'min' in g else '<='} {g.get('min', g.get('max'))}"
+                          for g in record["guardrails"])
+        md.append(f"Guardrails (checked on all of each metric's rows): {rails}.")
+    for item in record["ineligible"]:
+        md.append(f"- not eligible: **{item['name']}**: {item['reason']}")
+    if record["trial_id"] is None:
+        md += ["", f"No trial is eligible by `{metric}`: no best.", ""]
+        return md
+    if record["rows_used"] == selection.FALLBACK:
+        md.append(f"Chosen by `{metric}` ({record['mode']}) from each trial's {selection.FALLBACK}: ties are exact "
+                  "equality only. Re-evaluate the trials to get intervals and a paired test.")
+    else:
+        md.append(f"Chosen by `{metric}` ({record['mode']}) on the validation part of its rows "
+                  f"({record['validation_rows']} rows) and reported on the test part ({record['test_rows']} rows), "
+                  f"so the reported figure is not inflated by the choice. Split: {record['split']}.")
+        md.append(f"Test: the top trial on the validation rows (`{record['top_by_value']}`) against each other "
+                  f"eligible trial on the same rows, {record['comparison']['test']}, two-sided, "
+                  f"{record['comparison']['correction']}-corrected at level {record['comparison']['level']:g}; "
+                  f"intervals are {record['level']:.0%}.")
+        md += ["", "| trial | verdict | validation value [95%] | rows | difference vs top [95%] | p | p (Holm) |",
+               "|---|---|---|---|---|---|---|"]
+        for t in record["trials"]:
+            c = t.get("comparison_with_top") or {}
+            md.append(f"| {t['name']} | {t['verdict']} | {_fmt(t['validation']['value'], t['validation']['ci'])} | "
+                      f"{t['validation']['rows']} | {_fmt(c.get('difference'), c.get('ci')) if c else ''} | "
+                      f"{'' if not c else format(c['p_value'], '.3g')} | {'' if not c else format(c['p_holm'], '.3g')} |")
+        md.append("")
+    md.append(f"Tied set ({len(record['tied'])}): {', '.join(record['tied'])}. Tie-break rule: "
+              f"{record['tie_break']['rule']}." + (f" Decided by: {record['tie_break']['decided_by']}."
+                                                   if record["tie_break"]["decided_by"] else ""))
+    md.append(f"**Best: {record['name']}** (`{record['trial_id']}`): {metric} = {_fmt(record['value'], record['ci'])}"
+              f" over {record['rows']} rows of the {record['value_part']}"
+              + (f" ({record['interval']} interval)." if record.get("interval") else "."))
+    md.append("")
+    return md
+
+
+def health_md(rows: list[dict]) -> list[str]:
+    """DPO health per trial: DPO can raise the preference margin while pushing both answers' log-probs down
+    (the model unlearns the chosen answers too); that is a failure the accuracy alone hides."""
+    lines = []
+    for r in rows:
+        h = ((r.get("eval") or {}).get("heldout") or {}).get("health")
+        if r["stage"] != "dpo" or not h:
+            continue
+        verdict = ("both falling: chosen and rejected answers both lost probability vs the start model (a known "
+                   "DPO failure: the margin grows by unlearning)" if h.get("both_falling") else "ok")
+        lines.append(f"- {r['name']}: log p(chosen) {h['chosen_logp_change']:+.4g}, log p(rejected) "
+                     f"{h['rejected_logp_change']:+.4g} vs the start model over {h.get('pairs', '?')} pairs: "
+                     f"{verdict}")
+    return ["## DPO health", ""] + lines + [""] if lines else []
+
+
+def plot_metrics(rows: list[dict], metrics: list[str], figures: dict[str, dict]) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if "summary" in r]
-    metrics = [m for m in metrics if any(r["summary"].get(m) is not None for r in done)]
+    done = [r for r in rows if r["name"] in figures]
+    metrics = list(dict.fromkeys(m for m in metrics if any(figures[r["name"]].get(m, {}).get("value") is not None
+                                                           for r in done)))
     if not done or not metrics:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        names = [r["name"] for r in done]
-        values = [r["summary"].get(metric) or 0.0 for r in done]
-        colors = ["#999999" if r["stage"] == "base" else "#3b75af" for r in done]
-        ax.bar(names, values, color=colors)
-        ax.set_title(f"{metric} ({SELECTABLE_METRICS.get(metric, 'max')} is better)", fontsize=10)
+        # Bars only where the figure exists, with asymmetric error bars from its interval; a row without the
+        # figure gets an "n/a" label at its place instead of a zero bar.
+        present = [(x, r, figures[r["name"]][metric]) for x, r in enumerate(done)
+                   if figures[r["name"]].get(metric, {}).get("value") is not None]
+        low = [f["value"] - f["ci"][0] if f.get("ci") else 0.0 for _, _, f in present]
+        high = [f["ci"][1] - f["value"] if f.get("ci") else 0.0 for _, _, f in present]
+        ax.bar([x for x, _, _ in present], [f["value"] for _, _, f in present], yerr=[low, high], capsize=3,
+               ecolor="#333333", color=["#999999" if r["stage"] == "base" else "#3b75af" for _, r, _ in present])
+        shown = {x for x, _, _ in present}
+        for x in range(len(done)):
+            if x not in shown:
+                ax.annotate(NOT_APPLICABLE, (x, 0), ha="center", va="bottom", fontsize=8, color="#666666")
+        ax.set_xticks(range(len(done)), [r["name"] for r in done])
+        ax.set_xlim(-0.6, len(done) - 0.4)
+        ax.set_title(f"{metric} ({SELECTABLE_METRICS.get(metric, 'max')} is better; 95% interval)", fontsize=9)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.tight_layout()
     return _png(fig)
@@ -180,6 +335,15 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
         best = store.read_json(f"{sweep.name}/best.json")
     except StoreError:
         best = None
+    n_boot = sweep.eval.bootstrap_samples
+    # The same rule select_best applied, on the same store contents: the report shows who was excluded and
+    # why even when no trial is eligible (and so no best.json was written).
+    record = selection.choose(rows, sweep.select, n_boot=n_boot)
+    if best and record["trial_id"] and best.get("trial_id") != record["trial_id"]:
+        log.warning("sweep %s: best.json names %s but the store now selects %s; run make report to rewrite it",
+                    sweep.name, best.get("name"), record["name"])
+    figures = {r["name"]: row_figures(r, n_boot) for r in rows if "eval" in r}
+    widths = interval_widths(rows, figures)
     warnings = find_warnings(rows, primary)
     trials = [r for r in rows if r["stage"] != "base"]
     counts = {s: sum(r["state"] == s for r in trials) for s in ("done", "trained", "pending", "failed")}
@@ -193,39 +357,61 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
                                                            specs[-1].start else "."))
     md.append(f"Trials: {counts['done']} done, {counts['failed']} failed, {counts['trained'] + counts['pending']} "
               f"not finished, of {len(trials)}.")
-    if best:
-        md.append(f"Best by `{best['metric']}` ({best['mode']}): **{best['name']}** (`{best['trial_id']}`) = "
-                  f"{best['value']:.4g}.")
+    if record["trial_id"]:
+        md.append(f"Best by `{record['metric']}` ({record['mode']}): **{record['name']}** (`{record['trial_id']}`) = "
+                  f"{_fmt(record['value'], record['ci'])} on the {record['value_part']}; tied set: "
+                  f"{', '.join(record['tied'])} (see Selection).")
     md += ["", "## What was measured", ""]
     if first:
         for set_name, s in first["eval"]["sets"].items():
             md.append(f"- `{set_name}`: {s['rows']} prompts, greedy generation "
                       f"(max_new_tokens {s['generation'].get('max_new_tokens')}, batch {s['generation']['batch_size']}); "
-                      f"BLEU/chrF vs the reference answers (`{s.get('bleu_signature', '')}`), BLEU 95% bootstrap "
-                      f"interval over prompts; perplexity of the reference answer given the prompt"
+                      f"BLEU/chrF vs the reference answers (`{s.get('bleu_signature', '')}`), 95% bootstrap "
+                      f"percentile interval over prompts (corpus score recomputed on each resample); perplexity of "
+                      f"the reference answer given the prompt"
                       + (f"; refusal rate over its {s['refusal_rows']} harmful prompts" if "refusal_rows" in s else "")
                       + ("; exact match of the final number" if "math_accuracy" in s else "") + ".")
         held = first["eval"].get("heldout")
         if held:
             n = held.get("rows", held.get("pairs"))
             md.append(f"- held-out: {n} rows of `{held['split']}`" + (
-                ": preference accuracy and mean reward margin of the DPO implicit reward "
-                "beta*(log pi - log pi_start), and how often log p(chosen) > log p(rejected)" if "pairs" in held
+                ": preference accuracy, log-ratio margin and held-out DPO loss of the implicit reward against the "
+                "start model, and how often log p(chosen) > log p(rejected)" if "pairs" in held
                 else ": perplexity of the reference responses given their prompts") + ".")
+        gsm8k = (first["eval"].get("per_row") or {}).get("gsm8k_accuracy")
+        if gsm8k:
+            md.append(f"- GSM8K benchmark: exact match of the final number on {len(gsm8k['ids'])} rows of GSM8K's "
+                      "test split, with its Wilson interval.")
         md.append("- repetition: share of repeated word 4-grams within an answer, averaged over answers.")
-    md += ["", "## Leaderboard", "", leaderboard_md(rows, sweep.select.metric, best and best["trial_id"]), ""]
+        md.append(f"- intervals: {selection.CONFIDENCE:.0%}, Wilson for proportions, bootstrap percentile "
+                  f"({n_boot} resamples of rows) for means, perplexities and BLEU/chrF; `{NOT_APPLICABLE}`: the "
+                  "figure does not apply to that row; `(no interval)`: an older eval.json without per-row data.")
+    md += ["", "## Leaderboard", "", leaderboard_md(rows, figures, record), ""]
+    if widths:
+        md.append("Interval widths (median over trials, 95%):")
+        for metric, w in widths.items():
+            md.append(f"- `{metric}`: {w['median_width']:.4g} over {w['rows'] if w['rows'] is not None else 'varying'}"
+                      f" rows; trials span {w['spread']:.4g}" + (
+                          ": the intervals are wider than the differences, so this eval set is too small to rank the "
+                          "trials by it" if w["too_few_rows_to_rank"] else ""))
+        md.append("")
+    md += selection_md(record)
+    md += health_md(rows)
     if warnings:
         md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
-    for name, data in (("metrics.png", plot_metrics(rows, [sweep.select.metric, "bleu", "chrf"])),
+    for name, data in (("metrics.png", plot_metrics(rows, [sweep.select.metric, "bleu", "chrf"], figures)),
                        ("loss.png", plot_losses(rows))):
         if data:
             store.write_bytes(f"{prefix}/{name}", data)
             md.append(f"![{name}]({name})")
     md += ["", "## Answers side by side", "", side_by_side(rows, primary)]
     store.write_bytes(f"{prefix}/report.md", "\n".join(md).encode())
-    board = [{k: v for k, v in r.items() if k in ("name", "trial_id", "stage", "state", "summary", "failure")}
-             for r in rows]
-    store.write_json(f"{prefix}/leaderboard.json", {"sweep": sweep.name, "best": best, "rows": board,
+    verdicts = {t["name"]: t["verdict"] for t in record["trials"]}
+    verdicts.update({t["name"]: "ineligible: " + t["reason"] for t in record["ineligible"]})
+    board = [{**{k: v for k, v in r.items() if k in ("name", "trial_id", "stage", "state", "summary", "failure")},
+              "figures": figures.get(r["name"], {}), "verdict": verdicts.get(r["name"])} for r in rows]
+    store.write_json(f"{prefix}/leaderboard.json", {"sweep": sweep.name, "best": best, "selection": record,
+                                                    "interval_widths": widths, "rows": board,
                                                     "warnings": warnings})
     log.info("report: %s/%s/report.md (%d rows, %d warnings)", store.url, prefix, len(rows), len(warnings))
     return f"{prefix}/report.md"
