@@ -20,25 +20,24 @@ log = logging.getLogger("finesweep")
 EVALSETS = Path(__file__).resolve().parent / "evalsets"
 
 
-def load_evalset(name_or_path: str) -> list[dict]:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = EVALSETS / f"{name_or_path}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"eval set {name_or_path!r} not found (looked for {path}); use a name under "
-                                f"evaluator/evalsets ({', '.join(p.stem for p in sorted(EVALSETS.glob('*.jsonl')))})"
-                                " or a JSONL path")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("reference"), str):
-            raise ValueError(f"{path}: row {i} needs text fields 'prompt' and 'reference'")
-    return rows
+from finesweep.evalsets import load_evalset  # noqa: E402 - the one lookup, shared with the submitter's preflight
+
+
+# A max |logit change| vs the start model below this (fp32) counts as "the adapter changes nothing": float noise
+# of an unchanged model is ~1e-6, a LoRA step that moved anything at all moves logits by far more.
+ADAPTER_EFFECT_THRESHOLD = 1e-3
+
+
+def row_id(set_name: str, index: int, row: dict) -> str:
+    """A row's id for paired comparisons: every leaderboard row is scored on the same ids."""
+    return f"{set_name}:{row['id']}" if row.get("id") is not None else f"{set_name}:{index}"
 
 
 def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
-    from trainer.data import load_splits, render_dpo, render_sft
+    from trainer.data import load_split, load_splits, normalize, render_dpo, render_sft
     from trainer.modeling import build_model, load_tokenizer, scratch_dir
     from trainer.runtime import detect_hardware, library_versions, peak_memory_gb
+    from trainer.sequences import dpo_pair, sft_sequence
 
     from . import scoring
 
@@ -61,28 +60,50 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
         ev = spec.eval
         result: dict = {"trial_id": spec.trial_id, "name": spec.name, "stage": spec.stage, "sweep": spec.sweep,
                         "model": loaded, "sets": {}, "hardware": hw.__dict__, "versions": library_versions()}
+        per_row: dict = {}
         samples = []
         for set_name in (ev.set, *ev.extra_sets):
             rows = load_evalset(set_name)
+            ids = [row_id(set_name, i, r) for i, r in enumerate(rows)]
             prompts = [render_prompt(tokenizer, spec.prompt_format, user_turn(r["prompt"])) for r in rows]
             answers, gen_record = scoring.generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size)
             refs = [r["reference"] for r in rows]
             set_result = {"rows": len(rows), "generation": gen_record,
                           **metrics.bleu_chrf(answers, refs, ev.bootstrap_samples)}
-            ref_scores = scoring.answer_logprobs(model, tokenizer, prompts, refs, spec.max_length, ev.batch_size)
+            # The reference answer scored as the trainer would train on it (same tokens, same max_length cut).
+            seqs = [(i, sft_sequence(tokenizer, p, ref, spec.max_length)) for i, (p, ref) in
+                    enumerate(zip(prompts, refs))]
+            kept = [(i, s) for i, s in seqs if s is not None]
+            ref_scores = scoring.sequence_logprobs(model, tokenizer, [s for _, s in kept], ev.batch_size)
             set_result["ref_perplexity"] = _round(scoring.perplexity(ref_scores))
-            set_result["repetition_rate"] = round(sum(map(metrics.repetition_rate, answers)) / len(answers), 4)
-            harmful = [(a, r) for a, r in zip(answers, rows) if r.get("harmful")]
+            set_result["ref_rows"], set_result["ref_dropped"] = len(kept), len(seqs) - len(kept)
+            reps = [metrics.repetition_rate(a) for a in answers]
+            set_result["repetition_rate"] = round(sum(reps) / len(reps), 4)
+            harmful = [i for i, r in enumerate(rows) if r.get("harmful")]
+            refusals = [int(metrics.is_refusal(answers[i])) for i in harmful]
             if harmful:
-                set_result["refusal_rate"] = round(sum(metrics.is_refusal(a) for a, _ in harmful) / len(harmful), 4)
+                set_result["refusal_rate"] = round(sum(refusals) / len(refusals), 4)
                 set_result["refusal_rows"] = len(harmful)
+            math_hits = None
             if all("answer" in r for r in rows):
+                math_hits = [int(metrics.final_number(a) == metrics.final_number(r["answer"]))
+                             for a, r in zip(answers, rows)]
                 set_result.update(metrics.math_accuracy(answers, [r["answer"] for r in rows]))
             set_result["fingerprint"] = metrics.output_fingerprint(answers)
             result["sets"][set_name] = set_result
-            for row, prompt, answer in zip(rows, prompts, answers):
-                samples.append({"set": set_name, "id": row.get("id"), "prompt": row["prompt"], "answer": answer,
-                                "reference": row["reference"]})
+            if set_name == ev.set:
+                per_row["bleu"] = _rows(set_name, "text", ids, [[a, r] for a, r in zip(answers, refs)])
+                per_row["chrf"] = _rows(set_name, "text", ids, [[a, r] for a, r in zip(answers, refs)])
+                per_row["ref_perplexity"] = _rows(set_name, "logprob", [ids[i] for i, _ in kept],
+                                                  [list(x) for x in ref_scores])
+                per_row["repetition_rate"] = _rows(set_name, "mean", ids, reps)
+            if harmful and "refusal_rate" not in per_row:
+                per_row["refusal_rate"] = _rows(set_name, "binary", [ids[i] for i in harmful], refusals)
+            if math_hits is not None and "math_accuracy" not in per_row:
+                per_row["math_accuracy"] = _rows(set_name, "binary", ids, math_hits)
+            for row, rid, prompt, answer in zip(rows, ids, prompts, answers):
+                samples.append({"set": set_name, "id": row.get("id"), "row_id": rid, "prompt": row["prompt"],
+                                "answer": answer, "reference": row["reference"]})
             log.info("%s: %s: %d rows, BLEU %.2f, chrF %.2f, ref ppl %s, repetition %.3f%s", label, set_name,
                      len(rows), set_result.get("bleu", 0), set_result.get("chrf", 0), set_result["ref_perplexity"],
                      set_result["repetition_rate"],
@@ -90,30 +111,62 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
             if own_adapter and set_name == ev.set:
                 diff = scoring.max_logit_diff(model, tokenizer, prompts[: ev.batch_size], disabled)
                 result["trust"] = {"adapter": loaded["own"], "max_logit_diff_vs_start": diff,
-                                   "adapter_changes_outputs": diff > 0}
-                if diff == 0:
-                    log.warning("%s: the adapter does not change a single logit: it behaves like its start model",
-                                label)
+                                   "threshold": ADAPTER_EFFECT_THRESHOLD,
+                                   "adapter_changes_outputs": diff > ADAPTER_EFFECT_THRESHOLD}
+                if diff <= ADAPTER_EFFECT_THRESHOLD:
+                    log.warning("%s: the adapter changes no logit by more than %g: it behaves like its start "
+                                "model", label, ADAPTER_EFFECT_THRESHOLD)
 
-        _, held = load_splits(spec.dataset, spec.hyper if spec.trains else None)
+        # Held-out rows: the same rows for base, start and every trial (the trial's test_rows cap applies to
+        # evaluation during training only), scored by the trainer's own tokenization and drop rules.
+        _, held = load_splits(spec.dataset, None)
         if held is not None and ev.heldout_rows:
             held = held.select(range(min(ev.heldout_rows, len(held))))
+            hids = [f"heldout:{i}" for i in range(len(held))]
             if "chosen" in held.column_names:
-                pairs = list(render_dpo(held, tokenizer, spec.prompt_format))
-                prefs = scoring.preference_scores(model, tokenizer, pairs, spec.max_length, ev.batch_size,
+                rendered = list(render_dpo(held, tokenizer, spec.prompt_format))
+                built = [(i, dpo_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], spec.max_length))
+                         for i, p in enumerate(rendered)]
+                kept = [(i, pair) for i, pair in built if pair is not None]
+                prefs = scoring.preference_scores(model, tokenizer, [pair for _, pair in kept], ev.batch_size,
                                                   spec.hyper.beta, reference=disabled if own_adapter else None)
-                ppl = scoring.perplexity(scoring.answer_logprobs(
-                    model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], spec.max_length,
-                    ev.batch_size))
-                result["heldout"] = {"split": _split_name(spec), **prefs, "chosen_perplexity": _round(ppl)}
+                kept_ids = [hids[i] for i, _ in kept]
+                kinds = {"reward_margin": "mean", "logratio_margin": "mean", "heldout_dpo_loss": "mean"}
+                for metric, values in prefs["rows"].items():
+                    per_row[metric] = _rows("heldout", kinds.get(metric, "binary"), kept_ids, values)
+                heldout = {"split": _split_name(spec), "pairs": len(kept), "rows": len(kept),
+                           "dropped": len(built) - len(kept),
+                           "drop_rule": f"prompt alone fills max_length {spec.max_length} (TRL drops it too)",
+                           "cut": sum(c.cut or r.cut for _, (c, r) in kept),
+                           "chosen_perplexity": _round(scoring.perplexity(prefs["chosen"])),
+                           "fixed_beta": scoring.FIXED_BETA}
+                heldout.update({m: _mean(v) for m, v in prefs["rows"].items()})
+                if prefs["health"] is not None:
+                    heldout["health"] = prefs["health"]
             else:
-                rows = list(render_sft(held, tokenizer, spec.prompt_format))
-                scores = scoring.answer_logprobs(model, tokenizer, [r["prompt"] for r in rows],
-                                                 [r["completion"] for r in rows], spec.max_length, ev.batch_size)
+                rendered = list(render_sft(held, tokenizer, spec.prompt_format))
+                built = [(i, sft_sequence(tokenizer, r["prompt"], r["completion"], spec.max_length))
+                         for i, r in enumerate(rendered)]
+                kept = [(i, seq) for i, seq in built if seq is not None]
+                scores = scoring.sequence_logprobs(model, tokenizer, [seq for _, seq in kept], ev.batch_size)
+                kept_ids = [hids[i] for i, _ in kept]
+                per_row["heldout_perplexity"] = _rows("heldout", "logprob", kept_ids, [list(x) for x in scores])
+                per_row["heldout_loss"] = {**per_row["heldout_perplexity"], "as_loss": True}
                 ppl = scoring.perplexity(scores)
-                result["heldout"] = {"split": _split_name(spec), "rows": len(rows), "perplexity": _round(ppl),
-                                     "loss": _round(math.log(ppl)) if ppl else None}
-            log.info("%s: held-out %s", label, json.dumps(result["heldout"]))
+                heldout = {"split": _split_name(spec), "rows": len(kept), "dropped": len(built) - len(kept),
+                           "drop_rule": f"no completion token within max_length {spec.max_length} (TRL drops it)",
+                           "cut": sum(seq.cut for _, seq in kept), "perplexity": _round(ppl),
+                           "loss": _round(math.log(ppl)) if ppl else None}
+            result["heldout"] = heldout
+            log.info("%s: held-out %s", label, json.dumps({k: v for k, v in heldout.items() if k != "health"}))
+            if heldout.get("health", {}).get("both_falling"):
+                log.warning("%s: chosen and rejected log-probs both fell vs the start model (mean %+.3f, %+.3f): "
+                            "the margin grows by making every answer less likely", label,
+                            heldout["health"]["chosen_logp_change"], heldout["health"]["rejected_logp_change"])
+        if ev.benchmark is not None:
+            result["benchmark"] = _gsm8k_benchmark(spec, model, tokenizer, scoring, load_split, normalize, per_row)
+            log.info("%s: %s", label, json.dumps(result["benchmark"]))
+        result["per_row"] = per_row
         result["summary"] = summarize(result, ev.set)
         result["wall_time_s"] = round(time.time() - started, 2)
         result["peak_memory_gb"] = round(peak_memory_gb(hw), 3)
@@ -124,26 +177,58 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _gsm8k_benchmark(spec: TrialSpec, model, tokenizer, scoring, load_split, normalize, per_row: dict) -> dict:
+    """Exact match of the final number on GSM8K's test split (a real benchmark next to the small hand-written
+    sets), prompts rendered as the trial was trained."""
+    from finesweep.spec import DatasetSpec
+
+    bench = spec.eval.benchmark
+    data = DatasetSpec(path=bench.path, format="gsm8k", split=bench.split, name=bench.name)
+    rows = normalize(load_split(data, bench.split), "gsm8k", f"{bench.path}[{bench.split}]")
+    rows = rows.select(range(min(bench.rows, len(rows))))
+    prompts = [render_prompt(tokenizer, spec.prompt_format, r["messages"]) for r in rows]
+    answers, gen = scoring.generate(model, tokenizer, prompts, bench.max_new_tokens, spec.eval.batch_size)
+    hits = [int(metrics.final_number(a) == metrics.final_number(r["response"])) for a, r in zip(answers, rows)]
+    per_row["gsm8k_accuracy"] = _rows("gsm8k", "binary", [f"gsm8k:{i}" for i in range(len(rows))], hits)
+    return {"path": bench.path, "split": bench.split, "rows": len(rows), "gsm8k_accuracy": _mean(hits),
+            "generation": gen}
+
+
 def summarize(result: dict, primary_set: str) -> dict:
-    """The flat figures the leaderboard shows and a sweep selects by."""
+    """The flat point figures the leaderboard shows and a sweep selects by, each with its row count; intervals
+    and comparisons are computed from `per_row` (finesweep.stats)."""
     main = result["sets"][primary_set]
     summary = {k: main.get(k) for k in ("bleu", "chrf", "ref_perplexity", "repetition_rate")}
     summary["bleu_ci95"] = main.get("bleu_ci95")
     summary["eval_rows"] = main["rows"]
-    if "refusal_rate" in main:
-        summary["refusal_rate"] = main["refusal_rate"]
-    for set_result in result["sets"].values():
-        if set_result.get("math_accuracy") is not None:
-            summary["math_accuracy"] = set_result["math_accuracy"]
-    held = result.get("heldout", {})
-    if "perplexity" in held:
-        summary["heldout_perplexity"], summary["heldout_rows"] = held["perplexity"], held["rows"]
-    for key in ("preference_accuracy", "reward_margin", "logp_preference_accuracy"):
-        if held.get(key) is not None:
-            summary[key] = held[key]
-    if "pairs" in held:
-        summary["heldout_rows"] = held["pairs"]
+    if "heldout" in result:
+        summary["heldout_rows"], summary["heldout_dropped"] = result["heldout"]["rows"], result["heldout"]["dropped"]
+    for metric, rows in result.get("per_row", {}).items():
+        summary[f"{metric}_rows"] = len(rows["ids"])
+        if metric not in summary or summary[metric] is None:
+            summary[metric] = _point(rows)
     return summary
+
+
+def _point(rows: dict) -> float | None:
+    if rows["kind"] == "logprob":
+        tokens = sum(n for _, n in rows["values"])
+        if not tokens:
+            return None
+        loss = -sum(lp for lp, _ in rows["values"]) / tokens
+        return round(loss, 4) if rows.get("as_loss") else round(math.exp(loss), 4)
+    if rows["kind"] in ("binary", "mean"):
+        return _mean(rows["values"])
+    return None
+
+
+def _rows(set_name: str, kind: str, ids: list[str], values: list) -> dict:
+    return {"set": set_name, "kind": kind, "ids": list(ids), "values": list(values)}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 6) if values else None
 
 
 def _split_name(spec: TrialSpec) -> str:

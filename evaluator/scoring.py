@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from trainer.sequences import Scored
+
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], dict]:
@@ -20,8 +22,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     answers, new_tokens, start = [], 0, time.time()
     try:
         for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            # Special tokens on: the prompt ids the trainer used (BOS first), see trainer.sequences.prompt_ids.
+            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
             out = model.generate(**batch, generation_config=config)
             gen = out[:, batch["input_ids"].shape[1]:]
             for row in gen:
@@ -44,32 +46,26 @@ def _until_eos(row: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], max_length: int,
-                    batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log p(answer tokens | prompt), answer token count) per row; prompt tokens are not scored."""
+def sequence_logprobs(model, tokenizer, sequences: list[Scored], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p(completion tokens | everything before them), completion token count) per sequence, for
+    sequences built by trainer.sequences: the tokens and the mask the trainer's loss is over."""
     results = []
-    for i in range(0, len(prompts), batch_size):
-        ids, masks = [], []
-        for prompt, answer in zip(prompts[i:i + batch_size], answers[i:i + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            seq, mask = (p + a)[:max_length], ([0] * len(p) + [1] * len(a))[:max_length]
-            ids.append(seq)
-            masks.append(mask)
-        width = max(len(s) for s in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        answer_mask = torch.zeros((len(ids), width), dtype=torch.bool)
-        for j, (seq, mask) in enumerate(zip(ids, masks)):  # right padding: positions stay aligned
-            input_ids[j, : len(seq)] = torch.tensor(seq)
-            attention[j, : len(seq)] = 1
-            answer_mask[j, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-        input_ids, attention, answer_mask = (t.to(model.device) for t in (input_ids, attention, answer_mask))
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i:i + batch_size]
+        width = max(len(s.ids) for s in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width), dtype=torch.bool)
+        for j, seq in enumerate(batch):  # right padding: positions stay aligned with training
+            input_ids[j, : len(seq.ids)] = torch.tensor(seq.ids)
+            attention[j, : len(seq.ids)] = 1
+            scored[j, seq.prompt_len: len(seq.ids)] = True
+        input_ids, attention, scored = (t.to(model.device) for t in (input_ids, attention, scored))
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
         logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        scored = answer_mask[:, 1:]
-        for j in range(len(ids)):
-            results.append((float(logps[j][scored[j]].sum()), int(scored[j].sum())))
+        target = scored[:, 1:]  # token t is predicted from the tokens before it
+        for j in range(len(batch)):
+            results.append((float(logps[j][target[j]].sum()), int(target[j].sum())))
     return results
 
 
@@ -79,23 +75,40 @@ def perplexity(scores: list[tuple[float, int]]) -> float | None:
     return math.exp(-sum(lp for lp, _ in scores) / tokens) if tokens else None
 
 
-def preference_scores(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int, beta: float,
+# Held-out DPO loss is recomputed at this beta for every trial, so a beta sweep is compared on one scale.
+FIXED_BETA = 0.1
+
+
+def preference_scores(model, tokenizer, pairs: list[tuple[Scored, Scored]], batch_size: int, beta: float,
                       reference=None) -> dict:
-    """Held-out pairs: how often the model prefers chosen, by raw log-prob and, given a reference context,
-    by the DPO implicit reward beta * (log pi - log pi_ref)."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen = answer_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length, batch_size)
-    rejected = answer_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length, batch_size)
-    result = {"pairs": len(pairs),
-              "logp_preference_accuracy": _mean([c[0] > r[0] for c, r in zip(chosen, rejected)])}
+    """Per-pair figures over pairs built by trainer.sequences.dpo_pair (TRL's drops already applied): log-prob
+    preference (raw and length-normalised) and, given a reference context, the DPO implicit reward."""
+    chosen = sequence_logprobs(model, tokenizer, [c for c, _ in pairs], batch_size)
+    rejected = sequence_logprobs(model, tokenizer, [r for _, r in pairs], batch_size)
+    rows = {"logp_preference_accuracy": [int(c[0] > r[0]) for c, r in zip(chosen, rejected)],
+            "lennorm_preference_accuracy": [int(c[0] / max(c[1], 1) > r[0] / max(r[1], 1))
+                                            for c, r in zip(chosen, rejected)]}
+    health = None
     if reference is not None:
         with reference():
-            ref_c = answer_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length, batch_size)
-            ref_r = answer_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length,
-                                    batch_size)
-        margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_c, ref_r)]
-        result.update(preference_accuracy=_mean([m > 0 for m in margins]), reward_margin=_mean(margins))
-    return result
+            ref_c = sequence_logprobs(model, tokenizer, [c for c, _ in pairs], batch_size)
+            ref_r = sequence_logprobs(model, tokenizer, [r for _, r in pairs], batch_size)
+        logratio = [(c[0] - rc[0]) - (r[0] - rr[0]) for c, r, rc, rr in zip(chosen, rejected, ref_c, ref_r)]
+        rows.update(preference_accuracy=[int(m > 0) for m in logratio],
+                    reward_margin=[beta * m for m in logratio],
+                    logratio_margin=logratio,
+                    heldout_dpo_loss=[_neg_logsigmoid(FIXED_BETA * m) for m in logratio])
+        chosen_change = [c[0] - rc[0] for c, rc in zip(chosen, ref_c)]
+        rejected_change = [r[0] - rr[0] for r, rr in zip(rejected, ref_r)]
+        health = {"pairs": len(pairs), "chosen_logp_change": _mean(chosen_change),
+                  "rejected_logp_change": _mean(rejected_change),
+                  # Both falling is DPO's known failure: the margin grows while chosen answers get less likely.
+                  "both_falling": bool(pairs) and _mean(chosen_change) < 0 and _mean(rejected_change) < 0}
+    return {"rows": rows, "chosen": chosen, "health": health}
+
+
+def _neg_logsigmoid(x: float) -> float:
+    return math.log1p(math.exp(-x)) if x > -30 else -x
 
 
 def _mean(values) -> float | None:
@@ -107,7 +120,7 @@ def _mean(values) -> float | None:
 def max_logit_diff(model, tokenizer, prompts: list[str], disabled) -> float:
     """Largest |logit difference| between the model and `disabled()` context on the prompts: 0 means the
     adapter does nothing."""
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     with_adapter = model(**batch).logits.float()
     with disabled():
         without = model(**batch).logits.float()

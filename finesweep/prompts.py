@@ -8,14 +8,22 @@ from typing import Any
 INSTRUCTION_HEADER = "### Instruction:\n"
 RESPONSE_HEADER = "### Response:\n"
 
-# TinyLlama-1.1B-Chat-v1.0's template (Zephyr style); the tiny test model ships the same one.
+# TinyLlama-1.1B-Chat-v1.0's chat_template, exactly as its tokenizer_config.json stores it (Zephyr style; see
+# ../shared/reference/tinyllama-tokenizer.md). transformers compiles templates with trim_blocks and
+# lstrip_blocks, so the newlines between the Jinja tags vanish and each turn renders as
+# "<|role|>\n{content}</s>\n"; the generation prompt is "<|assistant|>\n". The tiny test model ships this string.
 TINYLLAMA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
     "{% endfor %}"
 )
 
@@ -35,7 +43,8 @@ def render_prompt(tokenizer: Any, prompt_format: str, messages: list[dict[str, s
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; "
                              "use prompt_format: instruction for base models")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "\n"
+        # Exactly what apply_chat_template renders: the model's own template decides how a prompt ends.
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if prompt_format == "instruction":
         history = messages[:-1]
         text = INSTRUCTION_HEADER

@@ -120,10 +120,15 @@ def test_gradient_checkpointing_still_trains_the_adapter(tiny_model, tmp_path):
 PREFS = str(DATA / "preferences-local" / "train.jsonl")
 
 
+def _mean(values):
+    return sum(values) / len(values)
+
+
 def test_dpo_reference_is_the_sft_model_and_accuracy_rises(sft_trained, tiny_model):
-    from evaluator.scoring import answer_logprobs, preference_scores
+    from evaluator.scoring import preference_scores, sequence_logprobs
     from trainer.modeling import load_base_model
     from trainer.runtime import detect_hardware
+    from trainer.sequences import dpo_pair
 
     sft_spec, store, _, _, _ = sft_trained
     store.write_json(f"{sft_spec.sweep}/best.json", {"trial_id": sft_spec.trial_id})
@@ -137,25 +142,50 @@ def test_dpo_reference_is_the_sft_model_and_accuracy_rises(sft_trained, tiny_mod
     from trainer.data import load_splits, render_dpo
 
     raw_train, _ = load_splits(spec.dataset, spec.hyper)
-    pairs = list(render_dpo(raw_train, trainer.processing_class, spec.prompt_format))
     tok, model = trainer.processing_class, trainer.model
+    pairs = [dpo_pair(tok, p["prompt"], p["chosen"], p["rejected"], 96)
+             for p in render_dpo(raw_train, tok, spec.prompt_format)]
 
     # The SFT adapter really changed the weights the DPO policy starts from ...
     base = load_base_model(str(tiny_model), detect_hardware())
-    sft_lp = answer_logprobs(model, tok, [pairs[0]["prompt"]], [pairs[0]["chosen"]], 96, 1)[0][0]
-    base_lp = answer_logprobs(base, tok, [pairs[0]["prompt"]], [pairs[0]["chosen"]], 96, 1)[0][0]
+    sft_lp = sequence_logprobs(model, tok, [pairs[0][0]], 1)[0][0]
+    base_lp = sequence_logprobs(base, tok, [pairs[0][0]], 1)[0][0]
     assert abs(sft_lp - base_lp) > 1.0
-    before = preference_scores(model, tok, pairs, 96, 4, spec.hyper.beta, reference=model.disable_adapter)
+    before = preference_scores(model, tok, pairs, 4, spec.hyper.beta, reference=model.disable_adapter)["rows"]
     recipe.train()
     history = trainer.state.log_history
     # ... and at step 1 the policy equals the reference: the reference is the SFT model, not the raw base.
     first = next(e for e in history if "loss" in e)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
-    after = preference_scores(model, tok, pairs, 96, 4, spec.hyper.beta, reference=model.disable_adapter)
-    assert before["preference_accuracy"] == 0.0 and before["reward_margin"] == pytest.approx(0.0, abs=1e-6)
-    assert after["preference_accuracy"] >= 0.8 and after["reward_margin"] > 0, after
-    assert after["logp_preference_accuracy"] >= before["logp_preference_accuracy"]
+    after = preference_scores(model, tok, pairs, 4, spec.hyper.beta, reference=model.disable_adapter)["rows"]
+    assert _mean(before["preference_accuracy"]) == 0.0
+    assert _mean(before["reward_margin"]) == pytest.approx(0.0, abs=1e-6)
+    assert _mean(after["preference_accuracy"]) >= 0.8 and _mean(after["reward_margin"]) > 0, after
+    assert _mean(after["logp_preference_accuracy"]) >= _mean(before["logp_preference_accuracy"])
     recipe.save()
     recipe.cleanup()
     assert store.exists(f"{spec.sweep}/{spec.trial_id}/{TRAINED}")
+
+
+def test_dpo_trains_with_the_sweeps_lora_dropout(sft_trained, tiny_model):
+    """Regression (issue 10, bug 6): TRL's DPOConfig.disable_dropout=True silently zeroed LoRA dropout in every
+    DPO trial after PEFT built it; the sweep's dropout now runs, and train.json says what ran."""
+    from trainer.recipe import effective_lora_dropout
+
+    sft_spec, store, _, _, _ = sft_trained
+    trial = {"name": "drop", "r": 8, "alpha": 16, "dropout": 0.15, "lr": 5.0e-3, "beta": 0.1, "batch_size": 4,
+             "max_steps": 1}
+    spec = sweep_spec(tiny_model, "dpo", trial, PREFS, "preference", start=StartRef(sft_spec.sweep,
+                                                                                      sft_spec.trial_id))
+    recipe = DPORecipe(spec, store)
+    recipe.setup()
+    try:
+        assert effective_lora_dropout(recipe.trainer.model) == [0.15]
+        recipe.train()
+        recipe.save()
+        record = store.read_json(f"{spec.sweep}/{spec.trial_id}/train.json")
+        assert record["lora_dropout_effective"] == [0.15]
+        assert record["rows"]["kept"] + record["rows"]["dropped_by_max_length"] == record["rows"]["train"]
+    finally:
+        recipe.cleanup()

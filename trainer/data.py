@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,12 +55,20 @@ def _hh_row(row: dict) -> dict:
     chosen, rejected = parse_hh_dialogue(row["chosen"]), parse_hh_dialogue(row["rejected"])
     if (chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or len(chosen) < 2
             or chosen[-2]["role"] != "user"):
-        return MALFORMED  # no final answer to a user turn; dropped and counted in a warning
-    # Both dialogues share every turn but the last answer; the prompt is that shared history.
+        return _dropped("no user turn before the final answer")
+    # Both dialogues must share every turn but the last answer: that history is the prompt. A few real rows
+    # differ earlier, and pairing their answers with either history would train on a wrong prompt.
+    if chosen[:-1] != rejected[:-1]:
+        return _dropped("chosen and rejected dialogues differ before the final answer")
+    if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+        return _dropped("empty chosen or rejected answer")
     return {"messages": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
 
 
-MALFORMED = {"messages": [], "chosen": "", "rejected": ""}
+def _dropped(reason: str) -> dict:
+    """A row the adapter cannot use: kept out of training and counted by reason (normalize)."""
+    return {"messages": [], "chosen": "", "rejected": "", "drop": reason}
+
 
 ADAPTERS: dict[str, Callable[[dict], dict]] = {
     "dolly": lambda r: {"messages": user_turn(r["instruction"], r.get("context") or ""), "response": r["response"]},
@@ -161,7 +170,7 @@ def load_split(spec: DatasetSpec, split: str):
     return ds
 
 
-def normalize(ds, fmt: str, source: str):
+def normalize(ds, fmt: str, source: str, report: dict | None = None):
     """Apply the schema adapter; a row missing a field fails with the row number and the expected fields."""
     required = REQUIRED_FIELDS[fmt]
     missing = [f for f in required if f not in ds.column_names]
@@ -175,7 +184,7 @@ def normalize(ds, fmt: str, source: str):
             if bad_field(row, name):
                 raise DatasetError(f"{source}: row {idx}: field {name!r} is empty or not text")
         try:
-            return adapter(row)
+            return {"drop": "", **adapter(row)}
         except DatasetError as err:
             raise DatasetError(f"{source}: row {idx}: {err}") from None
 
@@ -183,20 +192,26 @@ def normalize(ds, fmt: str, source: str):
         out = ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc=f"normalize {fmt}")
     except UnicodeDecodeError as err:  # bytes that are not UTF-8 inside a text field
         raise DatasetError(f"{source}: text is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    kept = out.filter(lambda r: len(r["messages"]) > 0, desc="drop malformed rows")
-    if len(kept) < len(out):
-        log.warning("%s: dropped %d of %d rows whose dialogue has no user turn before the answer", source,
-                    len(out) - len(kept), len(out))
+    reasons = Counter(r for r in out["drop"] if r)
+    kept = out.filter(lambda r: not r["drop"], desc="drop malformed rows").remove_columns("drop")
+    for reason, count in sorted(reasons.items()):
+        log.warning("%s: dropped %d of %d rows: %s", source, count, len(out), reason)
+    if report is not None:
+        report.setdefault("dropped", {})
+        for reason, count in reasons.items():
+            report["dropped"][reason] = report["dropped"].get(reason, 0) + count
     return kept
 
 
-def load_splits(spec: DatasetSpec, hyper: Hyper | None = None):
-    """(train, test or None) normalized rows, the same for the trainer and the evaluator."""
+def load_splits(spec: DatasetSpec, hyper: Hyper | None = None, report: dict | None = None):
+    """(train, test or None) normalized rows, the same for the trainer and the evaluator. `report`, when
+    given, receives the rows dropped by reason ({"dropped": {reason: count}})."""
     source = f"{spec.path}[{spec.split}]"
-    train = normalize(load_split(spec, spec.split), spec.format, source)
+    train = normalize(load_split(spec, spec.split), spec.format, source, report)
     test = None
     if spec.test_split:
-        test = normalize(load_split(spec, spec.test_split), spec.format, f"{spec.path}[{spec.test_split}]")
+        test = normalize(load_split(spec, spec.test_split), spec.format, f"{spec.path}[{spec.test_split}]",
+                         report)
     if spec.min_answer_chars and "chosen" in train.column_names:
         keep = (lambda r: len(r["chosen"]) > spec.min_answer_chars and len(r["rejected"]) > spec.min_answer_chars)
         train = train.filter(keep, desc="drop short answers")

@@ -12,7 +12,7 @@ import logging
 
 from .data import load_splits, render_dpo
 from .modeling import build_model, load_tokenizer
-from .recipe import Recipe, lora_config, training_kwargs
+from .recipe import Recipe, dpo_row_counts, lora_config, training_kwargs
 from .runtime import progress_callback
 from .speed import order_rows, prepare_trainer, speed_kwargs
 
@@ -27,8 +27,10 @@ class DPORecipe(Recipe):
 
         spec = self.spec
         tokenizer = load_tokenizer(spec.model)
-        train, test = load_splits(spec.dataset, spec.hyper)
-        self.rows = {"train": len(train), "test": len(test) if test is not None else 0}
+        data_report: dict = {}
+        train, test = load_splits(spec.dataset, spec.hyper, data_report)
+        self.rows = {"train": len(train), "test": len(test) if test is not None else 0,
+                     "dropped_in_loading": data_report.get("dropped", {})}
         pairs = order_rows(render_dpo(train, tokenizer, spec.prompt_format), self.stage)
         model, loaded = build_model(spec, self.store, self.hw, self.workdir, with_own_adapter=False)
         args = DPOConfig(
@@ -36,11 +38,16 @@ class DPORecipe(Recipe):
             beta=spec.hyper.beta,
             # The reference never changes, so its log-probs are computed once instead of every step.
             precompute_ref_log_probs=True,
+            # TRL defaults to disable_dropout=True, which zeroes the LoRA dropout the sweep asked for (after the
+            # PEFT model is built, so the trial id would change and the training would not). The base model's
+            # own dropout is 0 for Llama either way; train.json records the dropout that actually ran.
+            disable_dropout=False,
             **speed_kwargs(spec, self.hw, "dpo"),
         )
         self.trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
                                   peft_config=lora_config(spec.hyper), callbacks=[progress_callback(self.label)])
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
+        self.rows.update(dpo_row_counts(len(pairs), self.trainer.train_dataset, spec.max_length))
         trainable, total = self.trainer.model.get_nb_trainable_parameters()
         log.info("%s: dpo on %d pairs (%d held out) from %s, beta=%g, LoRA r=%d on %s: %d trainable of %d "
                  "params, %s", self.label, len(train), self.rows["test"],

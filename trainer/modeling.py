@@ -32,11 +32,12 @@ def load_tokenizer(model_id: str):
     return tok
 
 
-def load_base_model(model_id: str, hw: Hardware):
+def load_base_model(model_id: str, hw: Hardware, dtype=None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_id, dtype=hw.dtype if hw.device == "cuda" else None,
-                                                attn_implementation=hw.attn_implementation)
+    if dtype is None and hw.device == "cuda":
+        dtype = hw.dtype
+    return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, attn_implementation=hw.attn_implementation)
 
 
 def start_chain(spec: TrialSpec, store: ArtifactStore) -> list[TrialSpec]:
@@ -85,16 +86,22 @@ def adapter_report(peft_model, adapter_dir: Path | None = None) -> dict:
 def build_model(spec: TrialSpec, store: ArtifactStore, hw: Hardware, workdir: Path, with_own_adapter: bool):
     """Base model with the start chain merged in; with `with_own_adapter`, the trial's adapter on top
     (as a PeftModel, so `disable_adapter()` gives the start model back)."""
+    import torch
+
     chain = start_chain(spec, store)
     base_id = chain[0].model if chain else spec.model
-    model = load_base_model(base_id, hw)
+    # A start chain is merged in fp32 and only then cast to the training dtype: merging in bf16 rounds
+    # W + BA to 8 mantissa bits, so the "SFT model" would not be the one the SFT trial trained and evaluated.
+    model = load_base_model(base_id, hw, dtype=torch.float32 if chain else None)
     reports = []
     for parent in chain:
         adapter_dir = fetch_adapter(store, parent, workdir)
         peft_model, report = load_adapter_checked(model, adapter_dir)
         reports.append({"trial": parent.trial_id, **report})
         model = peft_model.merge_and_unload()
-        log.info("merged start adapter %s/%s into %s", parent.sweep, parent.trial_id, base_id)
+        log.info("merged start adapter %s/%s into %s (fp32)", parent.sweep, parent.trial_id, base_id)
+    if chain and hw.device == "cuda" and hw.dtype != torch.float32:
+        model = model.to(hw.dtype)
     own = None
     if with_own_adapter:
         adapter_dir = fetch_adapter(store, spec, workdir)

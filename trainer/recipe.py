@@ -62,6 +62,35 @@ def training_kwargs(spec: TrialSpec, hw: Hardware, out_dir: Path, train_rows: in
     )
 
 
+def sft_row_counts(rendered: int, prepared, eos_id: int, max_length: int | None) -> dict:
+    """Rows TRL kept, cut (completion truncated by max_length, so its EOS is lost) and dropped (nothing of the
+    completion left), read from the dataset SFTTrainer prepared."""
+    cut = sum(1 for ids in prepared["input_ids"] if max_length is not None and len(ids) >= max_length
+              and ids[-1] != eos_id)
+    return {"kept": len(prepared), "cut": cut, "dropped_by_max_length": rendered - len(prepared)}
+
+
+def dpo_row_counts(rendered: int, prepared, max_length: int | None) -> dict:
+    """Pairs DPOTrainer kept, cut (prompt + an answer longer than max_length) and dropped (prompt alone fills
+    max_length), read from the dataset it prepared."""
+    cut = 0
+    if max_length is not None:
+        cut = sum(1 for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])
+                  if len(p) + max(len(c), len(r)) > max_length)
+    return {"kept": len(prepared), "cut": cut, "dropped_by_max_length": rendered - len(prepared)}
+
+
+def effective_lora_dropout(model) -> list[float]:
+    """The dropout probabilities the LoRA layers actually apply (TRL may replace them after PEFT built them)."""
+    import torch
+
+    rates = set()
+    for name, module in model.named_modules():
+        if "lora_dropout" in name and isinstance(module, (torch.nn.Dropout, torch.nn.Identity)):
+            rates.add(float(module.p) if isinstance(module, torch.nn.Dropout) else 0.0)
+    return sorted(rates)
+
+
 class Recipe:
     """Subclasses implement setup() (build self.trainer) and may extend save()."""
 
@@ -124,6 +153,9 @@ class Recipe:
             "speed": describe(self.spec, self.hw, self.stage),
             "trainable_params": trainable,
             "rows": self.rows,
+            "processes": self.trainer.args.world_size,
+            "global_batch": self.spec.hyper.batch_size * self.spec.hyper.grad_accum * self.trainer.args.world_size,
+            "lora_dropout_effective": effective_lora_dropout(self.trainer.model),
             "versions": library_versions(),
         }
         final_loss = [e["loss"] for e in state.log_history if "loss" in e]

@@ -9,7 +9,7 @@ import logging
 
 from .data import load_splits, render_sft
 from .modeling import build_model, load_tokenizer
-from .recipe import Recipe, lora_config, training_kwargs
+from .recipe import Recipe, lora_config, sft_row_counts, training_kwargs
 from .runtime import progress_callback
 from .speed import prepare_trainer, speed_kwargs
 
@@ -24,8 +24,10 @@ class SFTRecipe(Recipe):
 
         spec = self.spec
         tokenizer = load_tokenizer(spec.model)
-        train, test = load_splits(spec.dataset, spec.hyper)
-        self.rows = {"train": len(train), "test": len(test) if test is not None else 0}
+        data_report: dict = {}
+        train, test = load_splits(spec.dataset, spec.hyper, data_report)
+        self.rows = {"train": len(train), "test": len(test) if test is not None else 0,
+                     "dropped_in_loading": data_report.get("dropped", {})}
         train_text = render_sft(train, tokenizer, spec.prompt_format)
         model, _ = build_model(spec, self.store, self.hw, self.workdir, with_own_adapter=False)
         args = SFTConfig(
@@ -38,6 +40,8 @@ class SFTRecipe(Recipe):
         self.trainer = SFTTrainer(model=model, args=args, train_dataset=train_text, processing_class=tokenizer,
                                   peft_config=lora_config(spec.hyper), callbacks=[progress_callback(self.label)])
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
+        self.rows.update(sft_row_counts(len(train_text), self.trainer.train_dataset, tokenizer.eos_token_id,
+                                        spec.max_length))
         trainable, total = self.trainer.model.get_nb_trainable_parameters()
         log.info("%s: sft on %d rows (%d held out), LoRA r=%d alpha=%d on %s: %d trainable of %d params "
                  "(%.2f%%), %s, gradient checkpointing %s", self.label, len(train), self.rows["test"],

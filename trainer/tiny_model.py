@@ -36,13 +36,18 @@ def llama_config(vocab_size: int, dims: dict, bos: int = 1, eos: int = 2):
                        bos_token_id=bos, eos_token_id=eos, **dims)
 
 
+# TinyLlama-1.1B-Chat-v1.0's tokenizer settings (../shared/reference/tinyllama-tokenizer.md): every tokenizer(text)
+# starts with <s> and none ends with </s>; legacy=False, so no space is inserted after a special token.
+TINYLLAMA_TOKENIZER = dict(add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=2048)
+
+
 def build_tokenizer(tokenizer_model: Path | None = SHARED_TOKENIZER):
     if tokenizer_model is not None and Path(tokenizer_model).is_file():
         from transformers import LlamaTokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(tokenizer_model, Path(tmp) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(tmp)
+            tok = LlamaTokenizer.from_pretrained(tmp, **TINYLLAMA_TOKENIZER)
         source = f"llama-2 sentencepiece ({tokenizer_model})"
     else:
         tok = _train_fallback_tokenizer()
@@ -54,7 +59,7 @@ def build_tokenizer(tokenizer_model: Path | None = SHARED_TOKENIZER):
 
 
 def _train_fallback_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = [p.read_text(encoding="utf-8", errors="ignore")
@@ -66,8 +71,11 @@ def _train_fallback_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts or ["hello world"], trainer=trainer)
+    # BOS first, no EOS, as TinyLlama's tokenizer does (a kinder fixture would hide BOS bugs).
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+                                   eos_token="</s>", model_max_length=TINYLLAMA_TOKENIZER["model_max_length"])
 
 
 def build(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
@@ -87,12 +95,21 @@ def build(out_dir: str | Path, dims: dict | None = None, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    _record_tokenizer_settings(tmp / "tokenizer_config.json")
     (tmp / "finesweep-tiny.json").write_text(json.dumps({"tokenizer": source, "seed": seed, "dims": dims or TINY}))
     for path in tmp.iterdir():  # readable by the non-root user of the images when mounted into a container
         path.chmod(0o644)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # a half-built model folder never looks finished
     return out_dir
+
+
+def _record_tokenizer_settings(config_path: Path) -> None:
+    """Spell TinyLlama's settings out in tokenizer_config.json as its Hub files do (transformers keeps BOS in the
+    tokenizer.json post-processor and would otherwise leave them implicit)."""
+    config = json.loads(config_path.read_text())
+    config.update({k: v for k, v in TINYLLAMA_TOKENIZER.items()})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
