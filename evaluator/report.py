@@ -94,7 +94,10 @@ def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
     for r in rows:
         trust = r.get("eval", {}).get("trust")
         if trust is not None and not trust["adapter_changes_outputs"]:
-            warnings.append(f"{r['name']}: its adapter changes no logit (max diff 0): it behaves like its start "
+            diff, threshold = trust.get("max_logit_diff_vs_start"), trust.get("threshold")
+            by = f" by more than {threshold:g}" if isinstance(threshold, (int, float)) else ""
+            seen = f"max diff {diff:.3g}" if isinstance(diff, (int, float)) else "max diff 0"
+            warnings.append(f"{r['name']}: its adapter changes no logit{by} ({seen}): it behaves like its start "
                             "model")
         if r["state"] == "failed":
             failure = r["failure"]
@@ -209,10 +212,10 @@ def selection_md(record: dict) -> list[str]:
         md += ["", "| trial | verdict | validation value [95%] | rows | difference vs top [95%] | p | p (Holm) |",
                "|---|---|---|---|---|---|---|"]
         for t in record["trials"]:
-            c = t.get("comparison_with_top") or {}
+            c = t.get("comparison_with_top")
+            test = [_fmt(c["difference"], c["ci"]), f"{c['p_value']:.3g}", f"{c['p_holm']:.3g}"] if c else ["", "", ""]
             md.append(f"| {t['name']} | {t['verdict']} | {_fmt(t['validation']['value'], t['validation']['ci'])} | "
-                      f"{t['validation']['rows']} | {_fmt(c.get('difference'), c.get('ci')) if c else ''} | "
-                      f"{'' if not c else format(c['p_value'], '.3g')} | {'' if not c else format(c['p_holm'], '.3g')} |")
+                      f"{t['validation']['rows']} | " + " | ".join(test) + " |")
         md.append("")
     md.append(f"Tied set ({len(record['tied'])}): {', '.join(record['tied'])}. Tie-break rule: "
               f"{record['tie_break']['rule']}." + (f" Decided by: {record['tie_break']['decided_by']}."
@@ -364,8 +367,9 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     md += ["", "## What was measured", ""]
     if first:
         for set_name, s in first["eval"]["sets"].items():
+            gen = s["generation"]
             md.append(f"- `{set_name}`: {s['rows']} prompts, greedy generation "
-                      f"(max_new_tokens {s['generation'].get('max_new_tokens')}, batch {s['generation']['batch_size']}); "
+                      f"(max_new_tokens {gen.get('max_new_tokens')}, batch {gen['batch_size']}); "
                       f"BLEU/chrF vs the reference answers (`{s.get('bleu_signature', '')}`), 95% bootstrap "
                       f"percentile interval over prompts (corpus score recomputed on each resample); perplexity of "
                       f"the reference answer given the prompt"

@@ -121,7 +121,8 @@ def choose(rows: list[dict], select: SelectSpec, n_boot: int = 1000, seed: int =
             reported, part = figures[winner["name"]], "validation part (no test rows)"
     else:
         summary = winner["eval"]["summary"]
-        reported = {"value": summary[metric], "ci": summary.get(f"{metric}_ci95"), "rows": _summary_rows(winner, metric),
+        reported = {"value": summary[metric], "ci": summary.get(f"{metric}_ci95"),
+                    "rows": _summary_rows(winner, metric),
                     "interval": "as recorded in eval.json" if summary.get(f"{metric}_ci95") else None}
         part = FALLBACK
     record.update(trial_id=winner["trial_id"], name=winner["name"], value=reported["value"], ci=reported["ci"],

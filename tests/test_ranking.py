@@ -4,7 +4,6 @@ it all. Pure Python: stores are built from hand-written eval.json files (the per
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -337,8 +336,10 @@ def test_report_shows_intervals_na_tied_set_rule_widths_and_health(tmp_path):
     store = LocalStore(tmp_path)
     sweep = _sweep()
     refs, trials, by = _specs(sweep)
-    bleu = lambda pairs: {"set": "dpo-mixed-prompts", "kind": "text", "ids": [f"p{i}" for i in range(len(pairs))],  # noqa: E731
-                          "values": [list(p) for p in pairs]}
+    def bleu(pairs):
+        return {"set": "dpo-mixed-prompts", "kind": "text", "ids": [f"p{i}" for i in range(len(pairs))],
+                "values": [list(p) for p in pairs]}
+
     for ref in refs:  # base/start have no preference accuracy: n/a, never a 0 bar
         _write(store, ref, {"bleu": bleu(SKEWED_BLEU)}, answers=("r", ref.name))
     _write(store, by["beta-0.1"], {"bleu": bleu(SKEWED_BLEU), "preference_accuracy": _binary([1] * 6),
@@ -410,4 +411,3 @@ def test_identical_outputs_compare_every_eval_set():
     warnings = find_warnings(rows, "s")
     assert len(warnings) == 1 and "t3, t4" in warnings[0] and "every eval set (math, s)" in warnings[0]
     assert metrics.identical_groups({"x": {"s": "1"}, "y": {"s": "1", "math": "2"}}) == []
-    json.dumps(warnings)
