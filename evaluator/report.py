@@ -233,7 +233,7 @@ def health_md(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         h = ((r.get("eval") or {}).get("heldout") or {}).get("health")
-        if r["stage"] != "dpo" or not h:
+        if r["stage"] != "dpo" or not h or h.get("chosen_logp_change") is None:
             continue
         verdict = ("both falling: chosen and rejected answers both lost probability vs the start model (a known "
                    "DPO failure: the margin grows by unlearning)" if h.get("both_falling") else "ok")

@@ -75,7 +75,7 @@ def metric_rows(metric: str, entry: dict) -> MetricRows:
         stats, statistic = _text_stats(metric, values)
     elif kind == "logprob":
         stats = np.array(values, dtype=float).reshape(len(values), 2)
-        statistic = _logprob_statistic(metric)
+        statistic = _logprob_statistic(metric, bool(entry.get("as_loss")))
     else:
         column = np.array(values, dtype=float).reshape(len(values))
         if kind == "binary" and not np.isin(column, (0.0, 1.0)).all():
@@ -90,14 +90,16 @@ def _ratio(sums: np.ndarray) -> np.ndarray:
         return sums[..., 0] / sums[..., 1]
 
 
-def _logprob_statistic(metric: str) -> Callable[[np.ndarray], np.ndarray]:
+def _logprob_statistic(metric: str, as_loss: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """Perplexity exp(-sum logp / sum tokens), or the loss -sum logp / sum tokens for a loss metric (by name,
+    or flagged `as_loss` by the evaluator)."""
+    if as_loss or metric.endswith("loss"):
+        return lambda sums: -_ratio(sums)
     if metric.endswith("perplexity"):
         def perplexity(sums):
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 return np.exp(-sums[..., 0] / sums[..., 1])
         return perplexity
-    if metric.endswith("loss"):
-        return lambda sums: -_ratio(sums)
     raise PerRowError(f"per_row.{metric}: a logprob metric is a perplexity or a loss (name ending in "
                       "'perplexity' or 'loss')")
 

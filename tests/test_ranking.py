@@ -69,6 +69,10 @@ def test_bootstrap_mean_and_perplexity_match_a_resampling_loop():
     assert out["heldout_perplexity"]["ci"] == pytest.approx(_loop_percentiles(
         40, 500, 7, lambda i: math.exp(-lp[i, 0].sum() / lp[i, 1].sum())))
     assert out["heldout_perplexity"]["interval"] == stats.BOOTSTRAP and out["heldout_perplexity"]["rows"] == 40
+    # the evaluator flags the loss view of the same rows with as_loss; the name alone says it too
+    loss = stats.summarize({"heldout_loss": {**per_row["heldout_perplexity"], "as_loss": True},
+                            "chosen_nll": {**per_row["heldout_perplexity"], "as_loss": True}})
+    assert loss["heldout_loss"]["value"] == pytest.approx(math.log(ppl)) == loss["chosen_nll"]["value"]
     part = stats.summarize(per_row, ids=set(ids[:10]))
     assert part["logratio_margin"]["rows"] == 10
     assert part["logratio_margin"]["value"] == pytest.approx(arr[:10].mean())
