@@ -183,8 +183,10 @@ def _gsm8k_benchmark(spec: TrialSpec, model, tokenizer, scoring, load_split, nor
     from finesweep.spec import DatasetSpec
 
     bench = spec.eval.benchmark
-    data = DatasetSpec(path=bench.path, format="gsm8k", split=bench.split, name=bench.name)
-    rows = normalize(load_split(data, bench.split), "gsm8k", f"{bench.path}[{bench.split}]")
+    # A local file (../shared/data/gsm8k/test.jsonl) is the test split itself; datasets calls a lone file "train".
+    split = "train" if Path(bench.path).is_file() else bench.split
+    data = DatasetSpec(path=bench.path, format="gsm8k", split=split, name=bench.name)
+    rows = normalize(load_split(data, split), "gsm8k", f"{bench.path}[{split}]")
     rows = rows.select(range(min(bench.rows, len(rows))))
     prompts = [render_prompt(tokenizer, spec.prompt_format, r["messages"]) for r in rows]
     answers, gen = scoring.generate(model, tokenizer, prompts, bench.max_new_tokens, spec.eval.batch_size)

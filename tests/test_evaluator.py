@@ -142,3 +142,41 @@ def test_eval_json_states_rows_and_generation_config(tmp_path, tiny_model):
     assert result["summary"]["eval_rows"] == 10 and result["summary"]["heldout_rows"] == 5
     samples = [json.loads(line) for line in (tmp_path / "t" / base.trial_id / "samples.jsonl").open()]
     assert len(samples) == 22 and {s["set"] for s in samples} == {"sft-open-questions", "math-word-problems"}
+
+
+def test_gsm8k_benchmark_row_and_per_row_data(tmp_path, tiny_model):
+    """A math sweep's real benchmark: exact match of the final number on GSM8K's test split (the real file in
+    ../shared/data), with per-row data for intervals, and every per-row metric on ids shared by all rows."""
+    import yaml
+
+    from evaluator.evaluate import evaluate_trial
+    from finesweep.spec import parse_sweep
+    from finesweep.store import LocalStore
+
+    from .conftest import shared_file
+
+    gsm8k_test = shared_file("gsm8k", "test.jsonl")
+    raw = yaml.safe_load(f"""
+        stage: sft
+        model: {tiny_model}
+        dataset: {{path: {gsm8k_test}, format: gsm8k, split: "train[:40]", test_fraction: 0.25}}
+        max_length: 128
+        eval: {{set: math-word-problems, max_new_tokens: 8, batch_size: 12, heldout_rows: 6,
+               bootstrap_samples: 50, benchmark: {{path: {gsm8k_test}, rows: 5, max_new_tokens: 8}}}}
+        trials: [{{r: 4}}]
+    """)
+    (base,) = parse_sweep(raw, "t.yaml", "", "t").reference_specs()
+    result = evaluate_trial(base, LocalStore(tmp_path))
+    bench = result["benchmark"]
+    assert bench["rows"] == 5 and 0.0 <= bench["gsm8k_accuracy"] <= 1.0
+    per_row = result["per_row"]
+    assert per_row["gsm8k_accuracy"]["kind"] == "binary" and len(per_row["gsm8k_accuracy"]["values"]) == 5
+    assert result["summary"]["gsm8k_accuracy_rows"] == 5
+    # GSM8K rows of 128 tokens: some held-out rows lose their EOS (cut) and the counts say so.
+    held = result["heldout"]
+    assert held["rows"] + held["dropped"] == 6 and held["cut"] >= 1
+    assert len(per_row["heldout_loss"]["ids"]) == held["rows"]
+    lp, n = zip(*per_row["heldout_loss"]["values"])
+    assert result["summary"]["heldout_loss"] == pytest.approx(-sum(lp) / sum(n), abs=1e-3)
+    assert set(per_row) >= {"bleu", "chrf", "ref_perplexity", "repetition_rate", "math_accuracy",
+                            "heldout_perplexity", "heldout_loss", "gsm8k_accuracy"}

@@ -181,9 +181,14 @@ def test_dpo_start_point_must_exist_in_the_store(tmp_path):
     assert "sweep 'sft' has no finished best trial" in str(err.value)
     assert "make submit SWEEP=sft" in str(err.value)
     assert not list((tmp_path / "store").rglob("*")), "validation wrote to the store"
-    store.write_json("sft/best.json", {"trial_id": "sft-0123456789"})
+    from finesweep.spec import to_dict
+
+    (sft,) = load_sweeps("jobs/sft.yaml")
+    start = sft.trial_specs()[0]
+    store.write_json(f"sft/{start.trial_id}/spec.json", to_dict(start))
+    store.write_json("sft/best.json", {"trial_id": start.trial_id})
     (plan,) = load_plan("dpo", store)
-    assert plan.start == StartRef("sft", "sft-0123456789")
+    assert plan.start == StartRef("sft", start.trial_id)
     assert all(t.start == plan.start for t in plan.trials())
 
 
@@ -196,3 +201,18 @@ def test_missing_local_paths_and_eval_sets_fail_preflight(tmp_path):
         sweep = parse_sweep(raw, "x.yaml", "", "x")
         with pytest.raises(SweepError, match=f": {field}: "):
             preflight(sweep)
+
+
+def test_dpo_sweep_must_match_its_sft_start_point():
+    """A DPO sweep whose model, prompt format or max length differs from its SFT start point fails in
+    preflight, naming the field and the fix (issue 10)."""
+    import dataclasses
+
+    from finesweep.spec import SweepError, check_start_compatible, load_sweeps
+
+    sft, dpo = load_sweeps("jobs/smoke.yaml")
+    (start,) = sft.trial_specs()[:1]
+    check_start_compatible(dpo, start)  # the shipped pipeline matches
+    for key, value in (("max_length", 128), ("prompt_format", "instruction"), ("model", "other/model")):
+        with pytest.raises(SweepError, match=rf"{key}: .* differs from its start point .*Fix: set `{key}: "):
+            check_start_compatible(dataclasses.replace(dpo, **{key: value}), start, "pipeline[1].")
