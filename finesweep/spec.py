@@ -22,7 +22,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-SPEC_VERSION = 1
+# 2: TinyLlama's real chat template (prompts end '<|assistant|>\n'), BOS-faithful scoring, DPO dropout honoured.
+SPEC_VERSION = 2
 STAGES = ("sft", "dpo")
 PROMPT_FORMATS = ("chat", "instruction")
 DATASET_FORMATS = (
@@ -49,6 +50,13 @@ SELECTABLE_METRICS = {
     "refusal_rate": "max",
     "math_accuracy": "max",
     "repetition_rate": "min",
+    # Beta-independent DPO figures: reward_margin is beta * log-ratio margin, so it cannot compare a beta sweep.
+    "logratio_margin": "max",
+    "heldout_dpo_loss": "min",
+    "lennorm_preference_accuracy": "max",
+    "logp_preference_accuracy": "max",
+    "heldout_loss": "min",
+    "gsm8k_accuracy": "max",
 }
 MAX_TRIALS = 500
 MAX_TEXT = 1000  # model ids, dataset paths, eval set names
@@ -83,16 +91,31 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class BenchmarkSpec:
+    """GSM8K's test split scored by exact match of the final number (a math SFT sweep's real benchmark row)."""
+
+    # `datasets.load_dataset` path: openai/gsm8k on the Hub, or a local JSONL with question/answer fields
+    # (a local file is the test split itself: `split` applies to Hub datasets and folders).
+    path: str = "openai/gsm8k"
+    name: str | None = "main"
+    split: str = "test"
+    rows: int = 250
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     # A set under evaluator/evalsets (by name) or a path to a JSONL file.
     set: str
     max_new_tokens: int = 128
     batch_size: int = 8
-    # Rows of the held-out split scored for loss / preference accuracy (0 = none).
-    heldout_rows: int = 200
+    # Rows of the held-out split scored for loss / preference accuracy (0 = none); a few hundred rows are
+    # what it takes for intervals narrow enough to rank trials.
+    heldout_rows: int = 300
     # Extra sets scored alongside, e.g. the math set for a math SFT sweep.
     extra_sets: tuple[str, ...] = ()
     bootstrap_samples: int = 1000
+    benchmark: BenchmarkSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -119,12 +142,106 @@ class Hyper:
 
 
 @dataclass(frozen=True)
+class Guardrail:
+    """A bound a trial must meet to be eligible for best: exactly one of `min` / `max`, each a number or a
+    reference row (`base`, or `start` in a DPO sweep) whose value of the same metric is the bound."""
+
+    metric: str
+    min: Any = None
+    max: Any = None
+
+    @property
+    def side(self) -> str:
+        return "min" if self.min is not None else "max"
+
+    @property
+    def bound(self) -> Any:
+        return self.min if self.min is not None else self.max
+
+
+GUARDRAIL_REFERENCES = ("base", "start")
+# The second metric that decides among trials the selection metric cannot tell apart, when `select.tie_break`
+# is not set: a finer-grained figure from the same evaluation, the first that does not rank like `metric`.
+DEFAULT_TIE_BREAK = {"sft": ("heldout_loss", "ref_perplexity"), "dpo": ("heldout_dpo_loss", "logratio_margin")}
+# Metric pairs that always rank trials the same way (loss = log perplexity): one cannot break the other's ties.
+SAME_RANKING = ({"heldout_loss", "heldout_perplexity"},)
+
+
+@dataclass(frozen=True)
 class SelectSpec:
     metric: str = "ref_perplexity"
     mode: str = ""  # filled from SELECTABLE_METRICS when empty
+    tie_break: str = ""  # filled from DEFAULT_TIE_BREAK when empty
+    guardrails: tuple[Guardrail, ...] = ()
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
+
+
+def _ranks_alike(a: str, b: str) -> bool:
+    return a == b or any({a, b} <= pair for pair in SAME_RANKING)
+
+
+def _check_select(select: SelectSpec, stage: str, source: str, at) -> SelectSpec:
+    """Validate `select:` and fill in its defaults (mode, tie_break)."""
+    def known(metric: Any, where: str) -> str:
+        if not isinstance(metric, str) or metric not in SELECTABLE_METRICS:
+            raise SweepError(source, at(where), f"{_clip(metric)} is not a metric the evaluator writes",
+                             f"use one of {', '.join(SELECTABLE_METRICS)}")
+        return metric
+
+    known(select.metric, "select.metric")
+    mode = select.mode or SELECTABLE_METRICS[select.metric]
+    if mode not in ("min", "max"):
+        raise SweepError(source, at("select.mode"), f"{mode!r} is not min or max", "use min or max")
+    tie_break = select.tie_break or next(m for m in DEFAULT_TIE_BREAK[stage] if not _ranks_alike(m, select.metric))
+    known(tie_break, "select.tie_break")
+    if _ranks_alike(tie_break, select.metric):
+        raise SweepError(source, at("select.tie_break"), f"{tie_break!r} ranks trials exactly as select.metric "
+                         f"{select.metric!r}, so it cannot break its ties",
+                         "name another metric, e.g. "
+                         f"{next(m for m in DEFAULT_TIE_BREAK[stage] if not _ranks_alike(m, select.metric))}")
+    for i, rail in enumerate(select.guardrails):
+        where = f"select.guardrails[{i}]"
+        known(rail.metric, f"{where}.metric")
+        if (rail.min is None) == (rail.max is None):
+            raise SweepError(source, at(where), "needs exactly one of min or max",
+                             f"write e.g. `{{metric: {rail.metric}, min: start}}` or `{{metric: {rail.metric}, "
+                             "max: 0.2}`")
+        bound = rail.bound
+        if isinstance(bound, str):
+            if bound not in GUARDRAIL_REFERENCES:
+                raise SweepError(source, at(f"{where}.{rail.side}"), f"{_clip(bound)} is not a number, base or start",
+                                 "give a number, or `base` / `start` for that reference row's value")
+            if bound == "start" and stage != "dpo":
+                raise SweepError(source, at(f"{where}.{rail.side}"), "`start` is a DPO sweep's SFT start row; an "
+                                 "SFT sweep has none", "use `base` (the untrained model) or a number")
+        elif isinstance(bound, bool) or not isinstance(bound, (int, float)) or not _finite(bound):
+            raise SweepError(source, at(f"{where}.{rail.side}"), f"{_clip(bound)} is not a finite number",
+                             "give a number, or `base` / `start` for that reference row's value")
+    return dataclasses.replace(select, mode=mode, tie_break=tie_break)
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_select_betas(select: SelectSpec, trials: list, source: str, at) -> None:
+    """reward_margin = beta * (log-ratio margin): trials with different betas are on different scales."""
+    betas = sorted({hyper.beta for _, hyper in trials})
+    if len(betas) < 2:
+        return
+    uses = [("select.metric", select.metric), ("select.tie_break", select.tie_break)]
+    uses += [(f"select.guardrails[{i}].metric", g.metric) for i, g in enumerate(select.guardrails)]
+    for where, metric in uses:
+        if metric == "reward_margin":
+            raise SweepError(source, at(where), "reward_margin scales with beta and the trials use betas "
+                             f"{', '.join(f'{b:g}' for b in betas)}, so it cannot compare them",
+                             "use logratio_margin (the margin / beta) or heldout_dpo_loss (one fixed beta for "
+                             "every trial)")
 
 
 @dataclass(frozen=True)
@@ -312,16 +429,17 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
         if getattr(eval_spec, key) <= 0:
             raise SweepError(source, at(f"eval.{key}"), f"{getattr(eval_spec, key)} is not positive",
                              "use a positive number")
+    if eval_spec.benchmark is not None:
+        bench = eval_spec.benchmark
+        if bench.rows <= 0 or bench.max_new_tokens <= 0:
+            raise SweepError(source, at("eval.benchmark.rows"), "rows and max_new_tokens must be positive",
+                             "score e.g. `rows: 250` of GSM8K's test split")
+        if not bench.path.strip():
+            raise SweepError(source, at("eval.benchmark.path"), "is empty",
+                             "use openai/gsm8k or a local JSONL with question/answer fields")
     if eval_spec.heldout_rows < 0:
         raise SweepError(source, at("eval.heldout_rows"), "is negative", "use 0 (none) or more rows")
-    select = _build(SelectSpec, raw.get("select", {}), source, at("select"))
-    if select.metric not in SELECTABLE_METRICS:
-        raise SweepError(source, at("select.metric"), f"{select.metric!r} is not a metric the evaluator writes",
-                         f"use one of {', '.join(SELECTABLE_METRICS)}")
-    mode = select.mode or SELECTABLE_METRICS[select.metric]
-    if mode not in ("min", "max"):
-        raise SweepError(source, at("select.mode"), f"{mode!r} is not min or max", "use min or max")
-    select = SelectSpec(select.metric, mode)
+    select = _check_select(_build(SelectSpec, raw.get("select", {}), source, at("select")), stage, source, at)
     start_from = raw.get("from")
     if stage == "dpo":
         if start_from is None:
@@ -338,6 +456,7 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
         raise SweepError(source, at("max_parallel"), f"{max_parallel} is not positive",
                          "run at least 1 trial at a time")
     trials = _expand_trials(raw, source, where, stage)
+    _check_select_betas(select, trials, source, at)
     return Sweep(name, stage, model, dataset, prompt_format, max_length, eval_spec, select, tuple(trials),
                  start_from, max_parallel, source)
 
@@ -554,6 +673,20 @@ def _short(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "+".join(str(x).replace("_proj", "") for x in v)
     return str(v)
+
+
+def check_start_compatible(sweep: Sweep, start: TrialSpec, where: str = "") -> None:
+    """A DPO sweep trains on what its SFT start point learned: the same model (tokenizer), the same prompt
+    format and the same max_length, or the adapter is asked for prompts it was never trained on."""
+    at = f"{where}" if where else ""
+    ref = f"{start.sweep}/{start.name} ({start.trial_id})"
+    for key, ours, theirs in (("model", sweep.model, start.model), ("prompt_format", sweep.prompt_format,
+                                                                       start.prompt_format),
+                              ("max_length", sweep.max_length, start.max_length)):
+        if ours != theirs:
+            raise SweepError(sweep.source, f"{at}{key}", f"{ours!r} differs from its start point {ref}, which was "
+                             f"trained with {key} {theirs!r}", f"set `{key}: {theirs}` to match the SFT sweep "
+                             f"(or start from an SFT sweep trained with {key} {ours!r})")
 
 
 def resolve_sweep_path(name_or_path: str, jobs_dir: str | Path = "jobs") -> Path:
