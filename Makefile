@@ -1,6 +1,8 @@
 # finesweep: LoRA SFT -> DPO sweeps, locally or as Kubernetes Jobs.
 #   make submit SWEEP=smoke          set up (idempotent), build the tiny model, run jobs/smoke.yaml locally
 #   make test                        every test suite (what CI runs): test-unit, then e2e on a local cluster
+#   make status|logs|report|cancel SWEEP=...   the sweep's trials, logs, reports; cancel stops its Jobs (k8s)
+# Every target runs the installed console script .venv/bin/finesweep (the same as `finesweep --help`).
 # Knobs: SWEEP (name under jobs/ or a path), STORE (folder or s3://bucket/prefix), BACKEND (local | k8s),
 #        DRY_RUN=1 (k8s: print the manifests, touch nothing), TRIAL (for make logs),
 #        NAMESPACE / KUBE_CONTEXT (k8s).
@@ -15,9 +17,9 @@ NAMESPACE ?=
 KUBE_CONTEXT ?=
 K8S_FLAGS = $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(KUBE_CONTEXT),--kube-context $(KUBE_CONTEXT))
 PY := .venv/bin/python
-SUBMIT := $(PY) -m submitter
+SUBMIT := .venv/bin/finesweep
 
-.PHONY: setup tiny-model submit status report logs test test-unit test-fast clean
+.PHONY: setup tiny-model submit status report logs cancel test test-unit test-fast clean
 .DEFAULT_GOAL := help
 
 help:
@@ -42,6 +44,9 @@ report: setup
 
 logs: setup
 	$(SUBMIT) logs $(SWEEP) --trial "$(TRIAL)" --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS)
+
+cancel: setup
+	$(SUBMIT) cancel $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS)
 
 test: test-unit e2e
 

@@ -18,15 +18,15 @@ log = logging.getLogger("finesweep")
 
 def evaluate(spec, store, force: bool) -> int:
     from finesweep import exitcodes
-    from finesweep.store import trial_state
+    from finesweep.store import read_status
 
     from .evaluate import evaluate_trial
 
-    state = trial_state(store, spec.sweep, spec.trial_id)
-    if state == "done" and not force:
+    status = read_status(store, spec.sweep, spec.trial_id)
+    if status.done and not force:
         log.info("[%s/%s %s] already evaluated in %s; skipping", spec.sweep, spec.name, spec.trial_id, store.url)
         return exitcodes.OK
-    if spec.trains and state == "pending":
+    if spec.trains and not status.trained:
         log.error("[%s/%s %s] has no trained adapter in %s: train it first", spec.sweep, spec.name,
                   spec.trial_id, store.url)
         return exitcodes.CONFIG_ERROR

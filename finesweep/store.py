@@ -8,9 +8,15 @@ Layout (keys are '/'-separated, relative to the store root):
     <sweep>/<trial-id>/eval.json            metrics
     <sweep>/<trial-id>/samples.jsonl        generated answers
     <sweep>/<trial-id>/_DONE                marker: the trial is finished (with checksums)
+    <sweep>/<trial-id>/attempts.json        every attempt to run the trial (backend, Job, start, outcome)
+    <sweep>/<trial-id>/_FAILED              why the current attempt failed (phase, exit code, reason, attempt)
+    <sweep>/<trial-id>/monitor.json, progress.json, _STOP_REQUESTED   search: evaluation during training (below)
+    <sweep>/search/trials/<number>.json     search: the study's record of each trial (finesweep.search)
     <sweep>/report/...                      report.md, leaderboard.json, plots
 
 A marker is written only after every file it lists, so a trial interrupted half way never counts as done.
+A trial's state is read only through `read_status` and its attempts and failures written only through
+`start_attempt`, `record_failure`, `end_attempt`: no other module looks at these files.
 No torch here: the submitter imports this module.
 """
 
@@ -23,13 +29,19 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger("finesweep")
 TRAINED = "_TRAINED"
 DONE = "_DONE"
-FAILED = "_FAILED"  # why the last run of a trial failed (phase, exit code, reason); not a completion marker
+FAILED = "_FAILED"  # why the current attempt failed (phase, exit code, reason); not a completion marker
+ATTEMPTS = "attempts.json"
+# Resubmits retry a failed trial until it has failed this many times (submit --max-attempts changes it).
+DEFAULT_MAX_ATTEMPTS = 3
+PREEMPTED_EXIT = 143  # finesweep.exitcodes.PREEMPTED: stopped with a checkpoint saved; not a failed attempt
 
 
 class StoreError(RuntimeError):
@@ -262,14 +274,188 @@ def trial_prefix(sweep: str, trial_id: str) -> str:
     return f"{sweep}/{trial_id}"
 
 
-def trial_state(store: ArtifactStore, sweep: str, trial_id: str) -> str:
-    """'done', 'trained' or 'pending'."""
+class TrialState(str, Enum):
+    PENDING = "pending"  # nothing run yet (or only stopped before training finished)
+    RUNNING = "running"  # an attempt is under way: a local child process, or a Job pending/running
+    TRAINED = "trained"  # adapter stored, not evaluated, no attempt under way
+    DONE = "done"  # _DONE: evaluated; final whatever else the store holds
+    FAILED = "failed"  # the current attempt failed; a resubmit retries it (up to the attempt limit)
+    STOPPED = "stopped"  # cancelled; a resubmit carries on (same attempt)
+    PRUNED = "pruned"  # reserved for a search that stops unpromising trials early
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# States a pipeline waiting on a sweep stops waiting for: nothing more will happen without a resubmit.
+SETTLED = frozenset({TrialState.DONE, TrialState.FAILED, TrialState.PRUNED})
+
+
+@dataclass(frozen=True)
+class Failure:
+    phase: str  # train | eval | job (the cluster gave up on the Job: OOMKilled, deadline, exit 3)
+    reason: str
+    exit_code: int | None = None
+    attempt: int = 0  # 0: written before attempts were recorded
+    at: float = 0.0
+    job: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    backend: str
+    started_at: float
+    job: str | None = None
+    # None while under way; done | failed | preempted | stopped once known
+    outcome: str | None = None
+    ended_at: float | None = None
+    failure: dict | None = None  # the _FAILED record of a failed attempt, kept when the trial is retried
+
+
+@dataclass(frozen=True)
+class TrialStatus:
+    trial_id: str
+    state: TrialState
+    trained: bool  # the adapter and its _TRAINED marker are stored (trials that train)
+    done: bool
+    failure: Failure | None  # why the current attempt failed (state FAILED)
+    attempts: tuple[Attempt, ...] = field(default=())
+
+    @property
+    def attempt(self) -> int:
+        """The current attempt's number (1 for the first run); 0 when the trial never started."""
+        return self.attempts[-1].number if self.attempts else 0
+
+    @property
+    def failed_attempts(self) -> int:
+        if self.failure is not None and not self.attempts:
+            return 1  # failed before attempts were recorded
+        return sum(a.outcome == "failed" for a in self.attempts)
+
+    @property
+    def settled(self) -> bool:
+        return self.state in SETTLED
+
+
+def read_status(store: ArtifactStore, sweep: str, trial_id: str) -> TrialStatus:
+    """The one reading of a trial's state. _DONE wins; a _FAILED record counts only for the attempt it was
+    written for, so a trial re-created after a failure is running, not failed (it is not finished, and a
+    pipeline waiting on its sweep must not pick the best trial yet)."""
     prefix = trial_prefix(sweep, trial_id)
-    if store.exists(f"{prefix}/{DONE}"):
-        return "done"
-    if store.exists(f"{prefix}/{TRAINED}"):
-        return "trained"
-    return "pending"
+    attempts = _read_attempts(store, prefix)
+    done = store.exists(f"{prefix}/{DONE}")
+    trained = done or store.exists(f"{prefix}/{TRAINED}")
+    failure = None
+    if not done and store.exists(f"{prefix}/{FAILED}"):
+        failure = _failure_from(store.read_json(f"{prefix}/{FAILED}"))
+        if attempts and _is_stale(failure, attempts[-1]):
+            failure = None
+    last = attempts[-1] if attempts else None
+    if done:
+        state = TrialState.DONE
+    elif failure is not None:
+        state = TrialState.FAILED
+    elif last is not None and last.outcome == "stopped":
+        state = TrialState.STOPPED
+    elif last is not None and last.outcome == "pruned":
+        state = TrialState.PRUNED
+    elif last is not None and last.outcome is None:
+        state = TrialState.RUNNING
+    else:
+        state = TrialState.TRAINED if trained else TrialState.PENDING
+    return TrialStatus(trial_id, state, trained, done, failure, attempts)
+
+
+def trial_state(store: ArtifactStore, sweep: str, trial_id: str) -> str:
+    """read_status(...).state as a string ('pending', 'running', 'trained', 'done', 'failed', ...)."""
+    return read_status(store, sweep, trial_id).state.value
+
+
+def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
+                  job: str | None = None) -> TrialStatus:
+    """Record that the trial is (re)started and return its new status. After a failed attempt this is attempt
+    n+1: the failure moves into that attempt's record and _FAILED is cleared. After an attempt that did not fail
+    (preempted, stopped, interrupted) it carries on as the same attempt."""
+    prefix = trial_prefix(sweep, trial_id)
+    status = read_status(store, sweep, trial_id)
+    attempts = list(status.attempts)
+    if status.failure is not None:
+        failed = status.failure
+        if attempts:
+            attempts[-1] = _replace(attempts[-1], outcome="failed", ended_at=attempts[-1].ended_at or failed.at,
+                                    failure=failed.as_dict())
+        else:  # failed before attempts were recorded: that was attempt 1
+            attempts.append(Attempt(1, "unknown", failed.at, failed.job, "failed", failed.at, failed.as_dict()))
+    if not attempts:
+        attempts.append(Attempt(1, backend, time.time(), job))
+    elif attempts[-1].outcome == "failed":
+        attempts.append(Attempt(attempts[-1].number + 1, backend, time.time(), job))
+    else:
+        attempts[-1] = _replace(attempts[-1], backend=backend, job=job, outcome=None, ended_at=None)
+    _write_attempts(store, prefix, attempts)
+    store.delete(f"{prefix}/{FAILED}")
+    return read_status(store, sweep, trial_id)
+
+
+def record_failure(store: ArtifactStore, sweep: str, trial_id: str, phase: str, reason: str,
+                   exit_code: int | None, job: str | None = None, attempt: int | None = None) -> Failure | None:
+    """Record why the current attempt (or `attempt`, the one a Job was created for) failed. Exit 143 is a
+    preemption, not a failure: the attempt ends as 'preempted' and the next run resumes it. A failure of an
+    attempt older than the current one changes nothing. Returns the Failure written, if any."""
+    prefix = trial_prefix(sweep, trial_id)
+    status = read_status(store, sweep, trial_id)
+    current = status.attempt
+    if attempt is not None and attempt < current:
+        return None
+    if exit_code == PREEMPTED_EXIT:
+        end_attempt(store, sweep, trial_id, "preempted")
+        return None
+    failure = Failure(phase, reason, exit_code, attempt or current, time.time(), job)
+    store.write_json(f"{prefix}/{FAILED}", failure.as_dict())
+    if status.attempts:
+        end_attempt(store, sweep, trial_id, "failed")
+    return failure
+
+
+def end_attempt(store: ArtifactStore, sweep: str, trial_id: str, outcome: str) -> None:
+    """Close the current attempt: done | failed | preempted | stopped | pruned."""
+    prefix = trial_prefix(sweep, trial_id)
+    attempts = list(_read_attempts(store, prefix))
+    if attempts:
+        attempts[-1] = _replace(attempts[-1], outcome=outcome, ended_at=time.time())
+        _write_attempts(store, prefix, attempts)
+
+
+def _read_attempts(store: ArtifactStore, prefix: str) -> tuple[Attempt, ...]:
+    if not store.exists(f"{prefix}/{ATTEMPTS}"):
+        return ()
+    return tuple(Attempt(**a) for a in store.read_json(f"{prefix}/{ATTEMPTS}")["attempts"])
+
+
+def _write_attempts(store: ArtifactStore, prefix: str, attempts: list[Attempt]) -> None:
+    store.write_json(f"{prefix}/{ATTEMPTS}", {"attempts": [asdict(a) for a in attempts]})
+
+
+def _failure_from(record: dict) -> Failure:
+    return Failure(phase=str(record.get("phase", "?")), reason=str(record.get("reason", "")),
+                   exit_code=record.get("exit_code"), attempt=int(record.get("attempt") or 0),
+                   at=float(record.get("at") or 0.0), job=record.get("job"))
+
+
+def _is_stale(failure: Failure, last: Attempt) -> bool:
+    """A failure belongs to an earlier attempt than the current one (by number, or for a record written before
+    attempts were numbered, by time)."""
+    if failure.attempt:
+        return failure.attempt < last.number
+    return failure.at < last.started_at
+
+
+def _replace(attempt: Attempt, **changes: Any) -> Attempt:
+    return Attempt(**{**asdict(attempt), **changes})
 
 
 def iter_trials(store: ArtifactStore, sweep: str) -> Iterator[tuple[str, dict]]:
@@ -278,3 +464,46 @@ def iter_trials(store: ArtifactStore, sweep: str) -> Iterator[tuple[str, dict]]:
         parts = key.split("/")
         if len(parts) == 3 and parts[2] == "spec.json":
             yield parts[1], store.read_json(key)
+
+
+# ------------------------------------------------------------------ search: evaluation during training
+# <trial>/monitor.json: when and what to evaluate during training (written by the search engine before the
+#   trial starts; a trial without it trains as before)
+# <trial>/progress.json: the held-out figures measured so far, written by the trainer as they are produced
+# <trial>/_STOP_REQUESTED: the engine's request that the trial stop (pruned) at its next evaluation; read by the
+#   trainer's main process, so stopping needs no signal from outside a pod
+MONITOR = "monitor.json"
+PROGRESS = "progress.json"
+STOP_REQUESTED = "_STOP_REQUESTED"
+
+
+def _optional_json(store: ArtifactStore, key: str) -> Any:
+    try:
+        return store.read_json(key) if store.exists(key) else None
+    except StoreError:  # deleted between the two calls
+        return None
+
+
+def read_monitor(store: ArtifactStore, sweep: str, trial_id: str) -> dict | None:
+    return _optional_json(store, f"{trial_prefix(sweep, trial_id)}/{MONITOR}")
+
+
+def write_monitor(store: ArtifactStore, sweep: str, trial_id: str, plan: dict) -> None:
+    store.write_json(f"{trial_prefix(sweep, trial_id)}/{MONITOR}", plan)
+
+
+def read_progress(store: ArtifactStore, sweep: str, trial_id: str) -> dict | None:
+    return _optional_json(store, f"{trial_prefix(sweep, trial_id)}/{PROGRESS}")
+
+
+def write_progress(store: ArtifactStore, sweep: str, trial_id: str, progress: dict) -> None:
+    store.write_json(f"{trial_prefix(sweep, trial_id)}/{PROGRESS}", progress)
+
+
+def request_stop(store: ArtifactStore, sweep: str, trial_id: str, reason: str, **info: Any) -> None:
+    store.write_json(f"{trial_prefix(sweep, trial_id)}/{STOP_REQUESTED}", {"reason": reason, "at": time.time(),
+                                                                          **info})
+
+
+def stop_request(store: ArtifactStore, sweep: str, trial_id: str) -> dict | None:
+    return _optional_json(store, f"{trial_prefix(sweep, trial_id)}/{STOP_REQUESTED}")

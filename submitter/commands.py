@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 
 from finesweep.spec import StartRef
-from finesweep.store import FAILED, ArtifactStore, LocalStore, StoreError, trial_prefix, trial_state
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, end_attempt,
+                             read_status, trial_prefix)
 
 from .plan import SweepPlan, load_plan, resolve_recorded_starts, resolve_start, select_best
-from .plan import ROOT
+from .plan import project_dir
 
 log = logging.getLogger("finesweep")
 UNRESOLVED = "unresolved"
@@ -18,13 +20,24 @@ UNRESOLVED = "unresolved"
 
 def submit(args, store: ArtifactStore) -> int:
     dry_run = getattr(args, "dry_run", False)
+    if args.backend == "local" and dry_run:
+        log.error("--dry-run applies to the k8s backend; the local backend has nothing to print")
+        return 2
+    settings = None
+    if args.backend == "k8s":  # settings first: a wrong flag is reported before the sweep file is even read
+        from . import k8s_backend
+
+        settings = k8s_backend.load_settings(k8s_overrides(args))
+        k8s_backend.check_store_url(args.store, dry_run)
     plans = load_plan(args.sweep, store, allow_unresolved=dry_run)
+    searches = [p.sweep.name for p in plans if p.sweep.search is not None]
+    if args.backend == "k8s" and searches:  # the in-cluster controller drives search.py (submitter/search_loop.py)
+        log.error("sweep %s has a search: block, which runs locally for now (make submit SWEEP=%s without "
+                  "BACKEND=k8s); the Kubernetes controller is what runs it in a cluster", searches[0], args.sweep)
+        return 2
     if args.backend == "local":
-        if dry_run:
-            log.error("--dry-run applies to the k8s backend; the local backend has nothing to print")
-            return 2
         return _submit_local(args, plans, store)
-    return _submit_k8s(args, plans, store, dry_run)
+    return _submit_k8s(args, plans, store, dry_run, settings)
 
 
 def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
@@ -36,7 +49,12 @@ def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
     for plan in plans:
         if not plan.resolved:
             plan.start = resolve_start(plan.sweep, store)
-        counts = run_sweep(plan, store, args.store)
+        if plan.sweep.search is not None:  # a search sweep runs its own loop, report included
+            from .search_loop import submit_local
+
+            failed += submit_local(plan, store, args.store, _max_attempts(args))
+            continue
+        counts = run_sweep(plan, store, args.store, max_attempts=_max_attempts(args))
         failed += counts["failed"]
         build_report(store, plan.sweep, plan.all_specs())
         log.info("sweep %s: %d ran, %d already done, %d failed", plan.sweep.name, counts["ran"],
@@ -46,10 +64,9 @@ def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
     return 1 if failed else 0
 
 
-def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: bool) -> int:
+def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: bool, settings) -> int:
     from . import k8s_backend
 
-    settings = k8s_backend.load_settings(k8s_overrides(args))
     for i, plan in enumerate(plans):
         if not plan.resolved:
             if dry_run:
@@ -59,13 +76,47 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
                 plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
             else:
                 earlier = next(p for p in plans[:i] if p.sweep.name == plan.sweep.start_sweep)
-                wait_for_sweep(earlier, store, on_poll=lambda p=earlier: record_cluster_failures(
-                    p, store, k8s_backend.status(p.sweep.name, settings)))
+                try:
+                    wait_for_sweep(earlier, store, on_poll=lambda p=earlier: record_cluster_failures(
+                        p, store, k8s_backend.status(p.sweep.name, settings)))
+                except SweepStopped as exc:
+                    log.error("%s", exc)
+                    return 1
                 plan.start = resolve_start(plan.sweep, store)
-        created = k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=dry_run)
+        created = k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=dry_run,
+                                     max_attempts=_max_attempts(args))
         if not dry_run:
             log.info("sweep %s: %d Job(s) created; follow with `make status SWEEP=%s BACKEND=k8s`",
                      plan.sweep.name, len(created), args.sweep)
+    return 0
+
+
+def _max_attempts(args) -> int:
+    return getattr(args, "max_attempts", None) or DEFAULT_MAX_ATTEMPTS
+
+
+def cancel(args, store: ArtifactStore) -> int:
+    """k8s: delete the sweep's Jobs (pods by propagation) and ConfigMaps, and mark its unfinished trials
+    stopped in the store; finished artifacts stay, and a later submit carries on. Local: trials run in the
+    foreground `submit` process only, so there is nothing else to stop (Ctrl-C stops that one)."""
+    plans = load_plan(args.sweep, store, allow_unresolved=True)
+    resolve_recorded_starts(plans, store)
+    if args.backend != "k8s":
+        log.info("local backend: trials run only inside a foreground `finesweep submit`; stop it with Ctrl-C. "
+                 "Nothing else runs, so nothing was cancelled (finished trials stay in %s)", store.url)
+        return 0
+    from . import k8s_backend
+
+    settings = k8s_backend.load_settings(k8s_overrides(args))
+    for plan in plans:
+        deleted = k8s_backend.cancel(plan.sweep.name, settings)
+        stopped = 0
+        for spec in plan.all_specs() if plan.resolved else []:
+            if read_status(store, spec.sweep, spec.trial_id).state is TrialState.RUNNING:
+                end_attempt(store, spec.sweep, spec.trial_id, "stopped")
+                stopped += 1
+        log.info("sweep %s: %d Job(s) deleted, %d trial(s) marked stopped; finished trials stay in %s",
+                 plan.sweep.name, len(deleted), stopped, store.url)
     return 0
 
 
@@ -79,44 +130,49 @@ def k8s_overrides(args) -> dict:
 
 
 def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, rows: list[dict]) -> int:
-    """Write the _FAILED marker for trials whose Job the cluster gave up on (OOMKilled, exit 3, deadline): the
-    pod could not write it itself, and status, report and a waiting pipeline read failures from the store.
-    `rows` are the sweep's k8s_backend.status rows. Returns how many markers were written."""
-    specs = {s.trial_id: s for s in plan.all_specs()}
-    written = 0
-    for row in rows:
-        spec = specs.get(row["trial_id"])
-        if row["phase"] != "Failed" or spec is None:
-            continue
-        prefix = trial_prefix(spec.sweep, spec.trial_id)
-        if trial_state(store, spec.sweep, spec.trial_id) == "done" or store.exists(f"{prefix}/{FAILED}"):
-            continue
-        store.write_json(f"{prefix}/{FAILED}", {"phase": "job", "job": row["job"], "exit_code": row["exit_code"],
-                                                "reason": row["reason"], "at": time.time()})
-        log.warning("%s/%s (%s): job %s failed: %s", spec.sweep, spec.name, spec.trial_id, row["job"], row["reason"])
-        written += 1
-    return written
+    """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep)."""
+    from .k8s_backend import record_job_failures
+
+    return record_job_failures(store, plan.all_specs(), rows)
 
 
 def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
                    on_poll=None):
-    """Block until every trial of `plan` is done or failed (markers in the store), then record the best.
-    `on_poll` runs before each check (the k8s backend records Jobs the cluster gave up on)."""
+    """Block until every trial of `plan` has settled (done or failed in the store: finesweep.store.SETTLED),
+    then record the best. A trial re-created after a failure is running again, not settled. `on_poll` runs
+    before each check (the k8s backend records Jobs the cluster gave up on). A cancelled trial ends the wait
+    with an error: nothing will run it until the sweep is submitted again."""
     deadline = time.time() + timeout_s
     specs = plan.all_specs()
     while True:
         if on_poll is not None:
             on_poll()
-        states = [trial_state(store, s.sweep, s.trial_id) for s in specs]
-        failed = sum(store.exists(f"{trial_prefix(s.sweep, s.trial_id)}/{FAILED}") for s in specs)
-        done = states.count("done")
-        log.info("waiting for sweep %s: %d/%d done, %d failed", plan.sweep.name, done, len(specs), failed)
-        if done + failed >= len(specs):
+        statuses = [read_status(store, s.sweep, s.trial_id) for s in specs]
+        counts = Counter(st.state for st in statuses)
+        log.info("waiting for sweep %s: %d/%d done, %d failed, %d running", plan.sweep.name,
+                 counts[TrialState.DONE], len(specs), counts[TrialState.FAILED], counts[TrialState.RUNNING])
+        if counts[TrialState.STOPPED]:
+            raise SweepStopped(f"sweep {plan.sweep.name} was cancelled ({counts[TrialState.STOPPED]} trial(s) "
+                               f"stopped); submit it again to carry on")
+        if all(st.settled for st in statuses):
             break
         if time.time() > deadline:
             raise TimeoutError(f"sweep {plan.sweep.name} did not finish in {timeout_s:.0f}s")
         time.sleep(poll_s)
     select_best(plan.sweep, store, plan.trials())
+
+
+class SweepStopped(RuntimeError):
+    pass
+
+
+def _specs(plan: SweepPlan, store: ArtifactStore) -> list:
+    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search)."""
+    if plan.sweep.search is None:
+        return plan.all_specs()
+    from .search_loop import study_specs
+
+    return study_specs(plan, store)
 
 
 def status(args, store: ArtifactStore) -> int:
@@ -140,21 +196,25 @@ def status(args, store: ArtifactStore) -> int:
         if not plan.resolved:
             print("  trials appear once the start point is resolved")
             continue
-        header = f"  {'trial':<16} {'id':<16} {'state':<9} {'job':<10} {'BLEU':>7} {metric:>20}  note"
+        header = f"  {'trial':<16} {'id':<16} {'state':<9} {'tries':>5} {'job':<10} {'BLEU':>7} {metric:>20}  note"
         print(header)
-        for spec in plan.all_specs():
+        for spec in _specs(plan, store):
             prefix = trial_prefix(spec.sweep, spec.trial_id)
-            state = trial_state(store, spec.sweep, spec.trial_id)
+            st = read_status(store, spec.sweep, spec.trial_id)
             note, bleu, value = "", "", ""
-            if state == "done":
+            if st.done:
                 summary = store.read_json(f"{prefix}/eval.json")["summary"]
                 bleu = f"{summary.get('bleu', 0):.2f}"
                 value = f"{summary[metric]:.4g}" if summary.get(metric) is not None else "-"
-            elif store.exists(f"{prefix}/{FAILED}"):
-                failure = store.read_json(f"{prefix}/{FAILED}")
-                state, note = "failed", f"{failure['phase']}: {failure['reason']}"
+            elif st.failure is not None:
+                note = f"{st.failure.phase}: {st.failure.reason}"
+            elif st.state is TrialState.PRUNED:
+                from .search_loop import pruned_note
+
+                note = pruned_note(store, spec)
             job = phases.get(spec.trial_id, {}).get("phase", "") if phases else ""
-            print(f"  {spec.name:<16} {spec.trial_id:<16} {state:<9} {job:<10} {bleu:>7} {value:>20}  {note}")
+            print(f"  {spec.name:<16} {spec.trial_id:<16} {st.state.value:<9} {st.attempt or '':>5} {job:<10} "
+                  f"{bleu:>7} {value:>20}  {note}")
     return 0
 
 
@@ -166,6 +226,11 @@ def report(args, store: ArtifactStore) -> int:
     for plan in plans:
         if not plan.resolved:
             log.info("sweep %s: start point not in the store yet; no report", plan.sweep.name)
+            continue
+        if plan.sweep.search is not None:
+            from .search_loop import finish
+
+            finish(plan.sweep, store, plan.start)
             continue
         select_best(plan.sweep, store, plan.trials())
         build_report(store, plan.sweep, plan.all_specs())
@@ -179,7 +244,7 @@ def _print_reports(plans: list[SweepPlan], store: ArtifactStore) -> None:
         if isinstance(store, LocalStore):
             where = store.root / key / "report.md"
         else:  # bring S3 reports next to the user so they can be opened
-            where = store.download_dir(key, ROOT / "build" / "reports" / plan.sweep.name) / "report.md"
+            where = store.download_dir(key, project_dir() / "build" / "reports" / plan.sweep.name) / "report.md"
         print(f"report for sweep {plan.sweep.name}: {where}")
 
 
@@ -200,7 +265,7 @@ def logs(args, store: ArtifactStore) -> int:
     for plan in plans:
         if not plan.resolved:
             continue
-        for spec in plan.all_specs():
+        for spec in _specs(plan, store):
             if args.trial and args.trial not in (spec.name, spec.trial_id):
                 continue
             for phase in ("train", "eval"):

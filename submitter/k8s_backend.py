@@ -17,22 +17,25 @@ skipped. See docs/kubernetes.md.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 import yaml
 
 from finesweep.spec import Sweep, TrialSpec
+from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus
 from submitter.k8s_manifests import (
-    ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
-    ClusterSettings, configmap_name, job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
+    ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
+    ClusterSettings, SettingsError, configmap_name, job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
     sweep_selector, trial_configmap, trial_job)
 
-ROOT = Path(__file__).resolve().parent.parent
-VALUES_FILE = ROOT / "charts" / "finesweep" / "values.yaml"
+# Package data: a link to charts/finesweep/values.yaml in the repository, a copy of it in the installed wheel.
+VALUES_FILE = Path(__file__).resolve().parent / "chart-values.yaml"
 DEFAULTS_CONFIGMAP = "finesweep-defaults"  # rendered by charts/finesweep/templates/defaults-configmap.yaml
 DEFAULTS_KEY = "defaults.json"
 
@@ -71,10 +74,25 @@ def with_cluster_defaults(settings: ClusterSettings, core: Any, err: TextIO | No
 
 # ------------------------------------------------------------------------------------------------ submit
 
+def check_store_url(store_url: str, dry_run: bool) -> bool:
+    """Trial pods reach the store over the network: a local folder is refused for a real submit (SettingsError);
+    for a dry run it only earns a note. Returns True when the note is due."""
+    if store_url.startswith("s3://"):
+        return False
+    if not dry_run:
+        raise SettingsError("store", f"{store_url[:200]!r} is a local folder, which trial pods cannot see",
+                            "the k8s backend needs --store s3://bucket/prefix (make submit ... STORE=s3://...)")
+    return True
+
+
 def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: ClusterSettings, dry_run: bool,
            out: TextIO | None = None, *, err: TextIO | None = None,
-           sleep: Callable[[float], None] = time.sleep) -> list[str]:
+           sleep: Callable[[float], None] = time.sleep, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[str]:
     """Create a ConfigMap + Job per trial not yet done, at most `sweep.max_parallel` unfinished at a time.
+
+    A trial whose current attempt failed is retried (until it has failed `max_attempts` times): its old Job
+    and ConfigMap are deleted, the store starts attempt n+1, and the new Job is `<job name>-a<n+1>`. Jobs that
+    exist for a trial's current attempt (pending, running, done) are left alone.
 
     Returns the names of the Jobs created (dry_run: the Jobs that would be created). Progress lines go to
     `out`; a dry run instead prints one YAML stream of every manifest to `out` and touches no cluster.
@@ -82,36 +100,52 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     trials = _unique(trials)
-    if not store_url.startswith("s3://"):
-        if not dry_run:
-            raise ValueError(f"store {store_url!r}: the k8s backend needs s3://bucket/prefix (trial pods cannot "
-                             f"see a local folder)")
+    if check_store_url(store_url, dry_run):
         print(f"note: store {store_url!r} is not s3://...; trial pods could not reach it", file=err)
-    todo = _not_done(trials, store_url, dry_run, out if not dry_run else err, err)
 
     if dry_run:
-        manifests = sweep_manifests(todo, settings, store_url)
+        statuses = _read_statuses(trials, store_url, err)
+        steps = plan_attempts(trials, statuses, max_attempts, err)
+        for step in steps:
+            if step.retry_of:
+                print(f"{_who(step.spec)}: attempt {step.retry_of} failed; a submit deletes job "
+                      f"{job_name(step.spec, step.retry_of)} and retries it as attempt {step.attempt}", file=err)
+        manifests = sweep_manifests([s.spec for s in steps], settings, store_url,
+                                    {s.spec.trial_id: s.attempt for s in steps})
         names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
         out.write(f"# finesweep dry run: sweep {sweep.name}, {len(names)} Job(s) in namespace "
                   f"{settings.namespace}; the submitter keeps at most {sweep.max_parallel} unfinished at a time.\n")
         yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True, width=120)
         return names
 
+    from finesweep.store import open_store, start_attempt
+
+    store = open_store(store_url)
     batch, core = _clients(settings)
     if settings.use_cluster_defaults:
         settings = with_cluster_defaults(settings, core, err)
+    # Jobs the cluster gave up on first: their failure must be in the store before deciding what to retry.
+    record_job_failures(store, trials, status(sweep.name, settings))
     selector = sweep_selector(sweep.name)
     existing = {job["metadata"]["name"]: job for job in _items(batch.list_namespaced_job(
         settings.namespace, label_selector=selector, _preload_content=False))}
+    steps = plan_attempts(trials, _read_statuses(trials, store_url, err, store), max_attempts, out)
 
-    pending: list[TrialSpec] = []
-    for spec in todo:
-        name = job_name(spec)
+    pending: list[AttemptStep] = []
+    for step in steps:
+        spec, name = step.spec, job_name(step.spec, step.attempt)
+        if step.retry_of:
+            old = job_name(spec, step.retry_of)
+            _delete_trial_objects(batch, core, settings, old)
+            start_attempt(store, spec.sweep, spec.trial_id, "k8s", job=name)
+            print(f"{_who(spec)}: attempt {step.retry_of} failed; deleted job {old}, retrying as attempt "
+                  f"{step.attempt}", file=out)
+            existing.pop(old, None)
         if name in existing:
-            _ensure_configmap(core, spec, settings, existing[name])
+            _ensure_configmap(core, spec, settings, existing[name], step.attempt)
             print(f"{_who(spec)}: exists (job {name}, {_job_phase(existing[name])})", file=out)
         else:
-            pending.append(spec)
+            pending.append(step)
 
     created: list[str] = []
     last_wait = None
@@ -121,8 +155,8 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
         slots = sweep.max_parallel - running
         if slots <= 0:
             if not settings.wait_for_slots:
-                for spec in pending:
-                    print(f"{_who(spec)}: queued (max_parallel {sweep.max_parallel} reached; submit again "
+                for step in pending:
+                    print(f"{_who(step.spec)}: queued (max_parallel {sweep.max_parallel} reached; submit again "
                           f"later)", file=out)
                 break
             if last_wait != (running, len(pending)):
@@ -131,31 +165,150 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
                 last_wait = (running, len(pending))
             sleep(settings.poll_seconds)
             continue
-        for spec in pending[:slots]:
-            if _create_trial(batch, core, spec, settings, store_url):
-                created.append(job_name(spec))
-                print(f"{_who(spec)}: created job {job_name(spec)}", file=out)
+        for step in pending[:slots]:
+            name = job_name(step.spec, step.attempt)
+            # Recorded before the Job exists: a submit interrupted in between finds the attempt and the Job
+            # name it is for, and creates that Job (never a second one).
+            start_attempt(store, step.spec.sweep, step.spec.trial_id, "k8s", job=name)
+            if _create_trial(batch, core, step.spec, settings, store_url, step.attempt):
+                created.append(name)
+                print(f"{_who(step.spec)}: created job {name}", file=out)
             else:
-                print(f"{_who(spec)}: exists (job {job_name(spec)})", file=out)
+                print(f"{_who(step.spec)}: exists (job {name})", file=out)
         pending = pending[slots:]
     return created
 
 
-def _create_trial(batch: Any, core: Any, spec: TrialSpec, settings: ClusterSettings, store_url: str) -> bool:
+@dataclass(frozen=True)
+class AttemptStep:
+    """What a submit does for one trial: run `attempt` (a Job named for it), after deleting the Job of the
+    failed attempt `retry_of` when that is set."""
+    spec: TrialSpec
+    attempt: int
+    retry_of: int = 0
+
+
+def plan_attempts(trials: list[TrialSpec], statuses: dict[str, TrialStatus] | None, max_attempts: int,
+                  out: TextIO) -> list[AttemptStep]:
+    """The one rule for which trials a submit (or its dry run) runs, shared with nothing else: done trials are
+    skipped, failed ones retried below the attempt limit, the rest run as their current attempt. Without
+    statuses (a dry run that cannot read the store) every trial is attempt 1."""
+    steps = []
+    for spec in trials:
+        status_ = statuses.get(spec.trial_id) if statuses is not None else None
+        if status_ is None:
+            steps.append(AttemptStep(spec, 1))
+        elif status_.state is TrialState.DONE:
+            print(f"{_who(spec)}: done in the store, not submitted", file=out)
+        elif status_.state is TrialState.FAILED:
+            if status_.failed_attempts >= max_attempts:
+                print(f"{_who(spec)}: failed {status_.failed_attempts} attempt(s), the limit ({max_attempts}); "
+                      f"not retried (last: {status_.failure.phase}: {status_.failure.reason}). Fix the cause, "
+                      f"then submit with --max-attempts {status_.failed_attempts + 1}", file=out)
+            else:
+                current = max(status_.attempt, 1)
+                steps.append(AttemptStep(spec, current + 1, retry_of=current))
+        else:
+            steps.append(AttemptStep(spec, max(status_.attempt, 1)))
+    return steps
+
+
+def _read_statuses(trials: list[TrialSpec], store_url: str, err: TextIO,
+                   store: Any = None) -> dict[str, TrialStatus] | None:
+    """Each trial's status from the store. A dry run (no `store` given) carries on without it when the store
+    cannot be read (no credentials, no network): None. A real submit cannot, since the trials need that store."""
+    from finesweep.store import open_store, read_status
+
+    if store is not None:
+        return {spec.trial_id: read_status(store, spec.sweep, spec.trial_id) for spec in trials}
+    try:
+        opened = open_store(store_url)
+        return {spec.trial_id: read_status(opened, spec.sweep, spec.trial_id) for spec in trials}
+    except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
+        print(f"note: store {store_url} could not be read ({type(exc).__name__}: {exc}); the dry run lists every "
+              f"trial without checking which are done", file=err)
+        return None
+
+
+def record_job_failures(store: Any, trials: Iterable[TrialSpec], rows: list[dict]) -> int:
+    """Record the failure of trials whose Job the cluster gave up on (OOMKilled, exit 3, deadline): the pod
+    could not write it itself, and status, report and a waiting pipeline read failures from the store. Only a
+    Job of the trial's current attempt counts. `rows` are the sweep's status rows. Returns how many were
+    recorded."""
+    from finesweep.store import read_status, record_failure
+
+    specs = {s.trial_id: s for s in trials}
+    written = 0
+    for row in rows:
+        spec = specs.get(row["trial_id"])
+        if row["phase"] != "Failed" or spec is None:
+            continue
+        current = read_status(store, spec.sweep, spec.trial_id)
+        if current.state in (TrialState.DONE, TrialState.FAILED) or row["attempt"] < max(current.attempt, 1):
+            continue
+        if record_failure(store, spec.sweep, spec.trial_id, "job", row["reason"], row["exit_code"],
+                          job=row["job"], attempt=row["attempt"]) is not None:
+            logging.getLogger("finesweep").warning("%s: job %s failed: %s", _who(spec), row["job"], row["reason"])
+            written += 1
+    return written
+
+
+def cancel(sweep_name: str, settings: ClusterSettings, out: TextIO | None = None) -> list[str]:
+    """Delete every Job of the sweep (their pods go with them: Background propagation) and every trial
+    ConfigMap; the store, with whatever finished, is left as it is. Returns the names of the Jobs deleted."""
+    out = sys.stdout if out is None else out
+    batch, core = _clients(settings)
+    selector = sweep_selector(sweep_name)
+    jobs = _items(batch.list_namespaced_job(settings.namespace, label_selector=selector, _preload_content=False))
+    deleted = []
+    for job in jobs:
+        name = job["metadata"]["name"]
+        if _delete_trial_objects(batch, core, settings, name):
+            deleted.append(name)
+            print(f"deleted job {name} ({_job_phase(job)})", file=out)
+    # ConfigMaps whose Job was already gone (garbage collection not yet run, or an interrupted submit).
+    for cm in _items(core.list_namespaced_config_map(settings.namespace, label_selector=selector,
+                                                     _preload_content=False)):
+        _delete_ignoring_404(core.delete_namespaced_config_map, cm["metadata"]["name"], settings.namespace)
+    return deleted
+
+
+def _delete_trial_objects(batch: Any, core: Any, settings: ClusterSettings, job: str) -> bool:
+    """Delete a trial's Job (pods by propagation) and its spec ConfigMap; False when the Job was not there."""
+    found = _delete_ignoring_404(batch.delete_namespaced_job, job, settings.namespace,
+                                 propagation_policy="Background")
+    _delete_ignoring_404(core.delete_namespaced_config_map, f"{job}-spec", settings.namespace)
+    return found
+
+
+def _delete_ignoring_404(delete: Callable[..., Any], name: str, namespace: str, **kwargs: Any) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        delete(name, namespace, **kwargs)
+        return True
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return False
+
+
+def _create_trial(batch: Any, core: Any, spec: TrialSpec, settings: ClusterSettings, store_url: str,
+                  attempt: int = 1) -> bool:
     """Job first, then its spec ConfigMap owned by the Job, so that deleting the Job (by hand or by
     ttlSecondsAfterFinished) garbage-collects the ConfigMap too. The pod waits for the volume in the few ms in
     between. False when the Job already existed (someone else created it meanwhile)."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        job = _json(batch.create_namespaced_job(settings.namespace, trial_job(spec, settings, store_url),
+        job = _json(batch.create_namespaced_job(settings.namespace, trial_job(spec, settings, store_url, attempt),
                                                 _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
             return False
         raise
     try:
-        _create_configmap(core, spec, settings, job)
+        _create_configmap(core, spec, settings, job, attempt)
     except Exception:
         # A Job without its spec would wait for the volume forever: take it back, then report.
         batch.delete_namespaced_job(job["metadata"]["name"], settings.namespace, propagation_policy="Background")
@@ -163,10 +316,10 @@ def _create_trial(batch: Any, core: Any, spec: TrialSpec, settings: ClusterSetti
     return True
 
 
-def _create_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict) -> None:
+def _create_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict, attempt: int = 1) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    body = trial_configmap(spec, settings)
+    body = trial_configmap(spec, settings, attempt)
     # No blockOwnerDeletion: setting it needs update rights on jobs/finalizers, which the submitter lacks.
     body["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
                                             "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}]
@@ -180,39 +333,16 @@ def _create_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job
         core.create_namespaced_config_map(settings.namespace, body, _preload_content=False)
 
 
-def _ensure_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict) -> None:
+def _ensure_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict, attempt: int = 1) -> None:
     """Repair a submit interrupted between creating a Job and its ConfigMap."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        core.read_namespaced_config_map(configmap_name(spec), settings.namespace, _preload_content=False)
+        core.read_namespaced_config_map(configmap_name(spec, attempt), settings.namespace, _preload_content=False)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        _create_configmap(core, spec, settings, job)
-
-
-def _not_done(trials: list[TrialSpec], store_url: str, dry_run: bool, out: TextIO, err: TextIO) -> list[TrialSpec]:
-    """Trials whose _DONE marker is absent. A dry run carries on without the check when the store cannot be
-    read (no credentials, no network); a real submit cannot, since the trials need that store."""
-    from finesweep.store import open_store, trial_state
-
-    try:
-        store = open_store(store_url)
-        states = {spec.trial_id: trial_state(store, spec.sweep, spec.trial_id) for spec in trials}
-    except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
-        if not dry_run:
-            raise
-        print(f"note: store {store_url} could not be read ({type(exc).__name__}: {exc}); the dry run lists every "
-              f"trial without checking which are done", file=err)
-        return list(trials)
-    todo = []
-    for spec in trials:
-        if states[spec.trial_id] == "done":
-            print(f"{_who(spec)}: done in the store, not submitted", file=out)
-        else:
-            todo.append(spec)
-    return todo
+        _create_configmap(core, spec, settings, job, attempt)
 
 
 # ------------------------------------------------------------------------------------------------ status
@@ -265,6 +395,7 @@ def job_row(job: dict, pod: dict | None) -> dict:
         "finished": finished,
         "reason": reason,
         "exit_code": exit_code,  # of the failed container, when the Job failed
+        "attempt": int(labels.get(LABEL_ATTEMPT) or 1),  # Jobs from before attempts were labelled: attempt 1
     }
 
 
@@ -373,10 +504,20 @@ def _clients(settings: ClusterSettings) -> tuple[Any, Any]:
 
     from kubernetes import client, config
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kube_context:
-        config.load_incluster_config()
-    else:
-        config.load_kube_config(context=settings.kube_context)
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not settings.kube_context:
+            config.load_incluster_config()
+        else:
+            config.load_kube_config(context=settings.kube_context)
+    except ConfigException as exc:
+        # No kubeconfig, a context it lacks, a broken file: the user's set-up, said in one line.
+        which = f"context {settings.kube_context!r}" if settings.kube_context else "the current context"
+        raise SettingsError("kube_context", f"cannot use {which} of the kubeconfig "
+                            f"({os.environ.get('KUBECONFIG') or '~/.kube/config'}): {str(exc)[:300].rstrip('.')}",
+                            "pass --kube-context (KUBE_CONTEXT=) with a context from `kubectl config "
+                            "get-contexts`, or set KUBECONFIG") from None
     api = client.ApiClient()
     return client.BatchV1Api(api), client.CoreV1Api(api)
 

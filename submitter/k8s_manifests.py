@@ -41,6 +41,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_SWEEP = "finesweep.io/sweep"
 LABEL_TRIAL = "finesweep.io/trial"
 LABEL_STAGE = "finesweep.io/stage"
+LABEL_ATTEMPT = "finesweep.io/attempt"  # which attempt of the trial a Job runs (finesweep.store attempts)
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_TRIAL_NAME = "finesweep.io/trial-name"
 ANNOTATION_STORE = "finesweep.io/store"
@@ -51,6 +52,17 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 # ------------------------------------------------------------------------------------------------ settings
+
+class SettingsError(ValueError):
+    """A cluster setting (chart values, the cluster's finesweep-defaults, a command-line flag, the store URL
+    or kube context the k8s backend is given) cannot work. `setting` is the ClusterSettings field (or `store`);
+    the CLI turns it into one line naming the flag and the fix, exit 2."""
+
+    def __init__(self, setting: str, problem: str, fix: str = ""):
+        self.setting, self.problem, self.fix = setting, problem, fix
+        where = f"cluster setting {setting} ({SETTINGS_PATHS[setting]})" if setting in SETTINGS_PATHS else setting
+        super().__init__(f"{where}: {problem}" + (f". Fix: {fix}" if fix else ""))
+
 
 @dataclass(frozen=True)
 class ClusterSettings:
@@ -197,7 +209,8 @@ def settings_from_defaults(*layers: dict, overrides: dict | None = None) -> Clus
     for key, value in (overrides or {}).items():
         name = key if key in SETTINGS_PATHS else _PATH_TO_FIELD.get(key)
         if name is None or name == "overrides":
-            raise ValueError(f"unknown cluster setting {key!r}; known: {', '.join(sorted(SETTINGS_PATHS))}")
+            raise SettingsError("overrides", f"unknown cluster setting {key!r}",
+                                f"use one of {', '.join(sorted(SETTINGS_PATHS))}")
         normalized[name] = value
     kwargs: dict[str, Any] = {}
     for name, path in SETTINGS_PATHS.items():
@@ -205,7 +218,11 @@ def settings_from_defaults(*layers: dict, overrides: dict | None = None) -> Clus
         if name in normalized:
             found, value = True, normalized[name]
         if found:
-            kwargs[name] = _as_field_type(name, value)
+            try:
+                kwargs[name] = _as_field_type(name, value)
+            except (TypeError, ValueError):  # e.g. jobs.gpusPerTrial: "two" in the cluster's finesweep-defaults
+                raise SettingsError(name, f"{str(value)[:80]!r} is not a {_FIELD_KINDS.get(name, 'value')}",
+                                    f"fix {path} in the chart values (helm upgrade) or the override") from None
     kwargs["overrides"] = tuple(sorted(normalized.items(), key=lambda kv: kv[0]))
     settings = ClusterSettings(**kwargs)
     check_settings(settings)
@@ -214,11 +231,13 @@ def settings_from_defaults(*layers: dict, overrides: dict | None = None) -> Clus
 
 def check_settings(settings: ClusterSettings) -> None:
     """Reject settings that would give invalid manifests, naming the setting."""
-    def bad(name: str, problem: str) -> None:
-        raise ValueError(f"cluster setting {name} ({SETTINGS_PATHS[name]}): {problem}")
+    def bad(name: str, problem: str, fix: str = "") -> None:
+        raise SettingsError(name, problem, fix)
 
     if not _DNS1123_LABEL.fullmatch(settings.namespace or ""):
-        bad("namespace", f"{settings.namespace!r} is not a valid namespace name")
+        bad("namespace", f"{(settings.namespace or '')[:80]!r} is not a valid namespace name",
+            "lowercase letters, digits and '-', at most 63 characters, starting and ending alphanumeric "
+            "(e.g. finesweep)")
     if not isinstance(settings.gpus_per_trial, int) or settings.gpus_per_trial < 0:
         bad("gpus_per_trial", f"{settings.gpus_per_trial!r} is not a GPU count (0 or more)")
     for name in ("trainer_image", "evaluator_image"):
@@ -252,13 +271,15 @@ def check_settings(settings: ClusterSettings) -> None:
 
 # ------------------------------------------------------------------------------------------------ names
 
-def job_name(spec: TrialSpec) -> str:
-    """`<sweep>-<trial id>`, e.g. `sft-lr-sft-0123456789`: deterministic, a DNS-1123 label (<= 63 chars).
+def job_name(spec: TrialSpec, attempt: int = 1) -> str:
+    """`<sweep>-<trial id>`, e.g. `sft-lr-sft-0123456789`, and `<sweep>-<trial id>-a<n>` for attempt n >= 2 of
+    a retried trial: deterministic per trial and attempt, so no attempt's Job is created twice and a failed
+    attempt's Job never shadows the next. A DNS-1123 label (<= 63 chars).
 
-    Sweep names are validated to <= 40 chars, so the plain form fits (40 + 1 + 15). A longer or odd sweep
+    Sweep names are validated to <= 40 chars, so the plain form fits (40 + 1 + 15 + 4). A longer or odd sweep
     name is cut and a short hash of it added, so names stay unique."""
     sweep = re.sub(r"[^a-z0-9-]+", "-", spec.sweep.lower()).strip("-")
-    trial_id = spec.trial_id
+    trial_id = spec.trial_id + (f"-a{attempt}" if attempt > 1 else "")
     name = f"{sweep}-{trial_id}"
     if len(name) <= 63 and sweep == spec.sweep and _DNS1123_LABEL.fullmatch(name):
         return name
@@ -267,8 +288,8 @@ def job_name(spec: TrialSpec) -> str:
     return f"{sweep[:keep].strip('-') or 'sweep'}-{digest}-{trial_id}"
 
 
-def configmap_name(spec: TrialSpec) -> str:
-    return f"{job_name(spec)}-spec"
+def configmap_name(spec: TrialSpec, attempt: int = 1) -> str:
+    return f"{job_name(spec, attempt)}-spec"
 
 
 def trial_labels(spec: TrialSpec) -> dict[str, str]:
@@ -291,14 +312,14 @@ def sweep_selector(sweep_name: str, trial_id: str | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ manifests
 
-def trial_configmap(spec: TrialSpec, settings: ClusterSettings) -> dict:
+def trial_configmap(spec: TrialSpec, settings: ClusterSettings, attempt: int = 1) -> dict:
     """The trial spec, mounted read-only at /etc/finesweep/spec.json. Exactly `to_dict(spec)` as JSON, so the
     trainer and evaluator rebuild the same TrialSpec (and trial id) with finesweep.spec.trial_from_dict."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": configmap_name(spec),
+            "name": configmap_name(spec, attempt),
             "namespace": settings.namespace,
             "labels": trial_labels(spec),
             "annotations": {ANNOTATION_TRIAL_NAME: spec.name},
@@ -309,12 +330,12 @@ def trial_configmap(spec: TrialSpec, settings: ClusterSettings) -> dict:
     }
 
 
-def trial_job(spec: TrialSpec, settings: ClusterSettings, store_url: str) -> dict:
-    labels = trial_labels(spec)
+def trial_job(spec: TrialSpec, settings: ClusterSettings, store_url: str, attempt: int = 1) -> dict:
+    labels = {**trial_labels(spec), LABEL_ATTEMPT: str(attempt)}
     if settings.kueue_queue_name:
         labels[LABEL_KUEUE_QUEUE] = settings.kueue_queue_name
     annotations = {ANNOTATION_TRIAL_NAME: spec.name, ANNOTATION_STORE: store_url}
-    pod_labels = trial_labels(spec)
+    pod_labels = {**trial_labels(spec), LABEL_ATTEMPT: str(attempt)}
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; retries are new pods, counted by the Job
@@ -341,7 +362,7 @@ def trial_job(spec: TrialSpec, settings: ClusterSettings, store_url: str) -> dic
             _container(TRAIN_CONTAINER, settings.trainer_image, "finesweep-train", spec, settings, store_url)]
     pod_spec["containers"] = [
         _container(EVAL_CONTAINER, settings.evaluator_image, "finesweep-eval", spec, settings, store_url)]
-    pod_spec["volumes"] = _volumes(spec, settings)
+    pod_spec["volumes"] = _volumes(spec, settings, attempt)
     if settings.gpus_per_trial > 0:
         # CPU-only runs (kind) must not ask for a GPU node pool that does not exist there.
         if settings.node_selector:
@@ -380,7 +401,7 @@ def trial_job(spec: TrialSpec, settings: ClusterSettings, store_url: str) -> dic
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(spec),
+            "name": job_name(spec, attempt),
             "namespace": settings.namespace,
             "labels": labels,
             "annotations": annotations,
@@ -403,19 +424,23 @@ def pod_failure_policy() -> dict:
     ]}
 
 
-def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, store_url: str) -> list[dict]:
-    """ConfigMap then Job for every trial, in the order given (the submitter creates them in this order).
-    Raises ValueError when two trials would get the same Job name."""
+def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, store_url: str,
+                    attempts: dict[str, int] | None = None) -> list[dict]:
+    """ConfigMap then Job for every trial, in the order given (the submitter creates them in this order);
+    `attempts` maps trial ids to the attempt a Job is for (default 1). Raises ValueError when two trials would
+    get the same Job name."""
     manifests, seen = [], {}
+    attempts = attempts or {}
     for spec in trials:
-        name = job_name(spec)
+        attempt = attempts.get(spec.trial_id, 1)
+        name = job_name(spec, attempt)
         if name in seen:
             if seen[name] == spec.trial_id:
                 continue  # the same trial listed twice (e.g. a shared reference row): one Job
             raise ValueError(f"trials {seen[name]} and {spec.trial_id} would both be Job {name}")
         seen[name] = spec.trial_id
-        manifests.append(trial_configmap(spec, settings))
-        manifests.append(trial_job(spec, settings, store_url))
+        manifests.append(trial_configmap(spec, settings, attempt))
+        manifests.append(trial_job(spec, settings, store_url, attempt))
     return manifests
 
 
@@ -489,7 +514,7 @@ def _env(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
     return env
 
 
-def _volumes(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
+def _volumes(spec: TrialSpec, settings: ClusterSettings, attempt: int = 1) -> list[dict]:
     def empty_dir(name: str, size_limit: str | None, medium: str | None = None) -> dict:
         source: dict[str, Any] = {}
         if medium:
@@ -499,7 +524,7 @@ def _volumes(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
         return {"name": name, "emptyDir": source}
 
     return [
-        {"name": "spec", "configMap": {"name": configmap_name(spec),
+        {"name": "spec", "configMap": {"name": configmap_name(spec, attempt),
                                        "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
         empty_dir("tmp", "1Gi"),
         empty_dir("cache", settings.cache_size_limit),
@@ -535,6 +560,11 @@ def _deep_merge(base: dict, top: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+_FIELD_KINDS = {name: "whole number" for name in ("gpus_per_trial", "backoff_limit", "termination_grace_period_seconds",
+                                                 "run_as_user", "run_as_group", "fs_group", "active_deadline_seconds",
+                                                 "ttl_seconds_after_finished")} | {"poll_seconds": "number"}
 
 
 def _as_field_type(name: str, value: Any) -> Any:

@@ -11,27 +11,33 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from finesweep.store import FAILED, ArtifactStore, trial_prefix, trial_state
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, TrialState, end_attempt,
+                             read_status, record_failure, start_attempt, trial_prefix)
 from finesweep.spec import TrialSpec
 
-from .plan import ROOT, SweepPlan, select_best, write_spec
+from .plan import SweepPlan, select_best, write_spec
 
 log = logging.getLogger("finesweep")
+# The children import the code this process runs (a source checkout run without installing, or the installed
+# package); they inherit the current directory, which the sweep's relative paths were checked against.
+CODE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str) -> int:
+    """Run the trainer or evaluator for one trial as a child process; its log goes to the store, and a failure
+    (not a preemption, exit 143) is recorded for the trial's current attempt."""
     prefix = trial_prefix(spec.sweep, spec.trial_id)
     phase = "train" if module == "trainer" else "eval"
     with tempfile.TemporaryDirectory(prefix="finesweep-") as tmp:
         spec_file = write_spec(spec, Path(tmp) / "spec.json")
         # An argument list, never a shell string: sweep values cannot reach a shell.
         cmd = [sys.executable, "-m", module, "--spec", str(spec_file), "--store", store_url]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)}
         lines = []
-        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace") as proc:
             for line in proc.stdout:
                 lines.append(line)
@@ -43,8 +49,7 @@ def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str
             reason = next((ln.strip() for ln in reversed(lines) if " ERROR " in ln or "Error" in ln),
                           lines[-1].strip() if lines else "no output")
             reason = reason.split("]: ", 1)[-1] if " ERROR [" in reason else reason  # drop time and label
-            store.write_json(f"{prefix}/{FAILED}", {"phase": phase, "exit_code": proc.returncode,
-                                                    "reason": reason, "at": time.time()})
+            record_failure(store, spec.sweep, spec.trial_id, phase, reason, proc.returncode)
         return proc.returncode
 
 
@@ -52,32 +57,47 @@ def _noise(line: str) -> bool:
     return "Warning" in line and "finesweep" not in line
 
 
-def run_sweep(plan: SweepPlan, store: ArtifactStore, store_url: str) -> dict:
-    """Run every unfinished trial of one sweep; returns counts. Finished trials are skipped."""
+def run_sweep(plan: SweepPlan, store: ArtifactStore, store_url: str,
+              max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
+    """Run every unfinished trial of one sweep; returns counts. Finished trials are skipped; a failed one runs
+    again as its next attempt until it has failed `max_attempts` times (then it is counted failed, not run)."""
     sweep = plan.sweep
     specs = plan.all_specs()
     counts = {"done_before": 0, "ran": 0, "failed": 0}
     log.info("sweep %s (%s): %d trials + %d reference rows -> %s", sweep.name, sweep.stage, len(plan.trials()),
              len(plan.references()), store.url)
     for i, spec in enumerate(specs, 1):
-        state = trial_state(store, spec.sweep, spec.trial_id)
+        status = read_status(store, spec.sweep, spec.trial_id)
         tag = f"[{i}/{len(specs)}] {spec.name} ({spec.trial_id})"
-        if state == "done":
+        if status.done:
             counts["done_before"] += 1
             log.info("sweep %s: %s already done; skipping", sweep.name, tag)
             continue
-        store.delete(f"{trial_prefix(spec.sweep, spec.trial_id)}/{FAILED}")
-        log.info("sweep %s: %s %s", sweep.name, tag, "training" if spec.trains and state == "pending"
-                 else "evaluating")
-        code = 0
-        if spec.trains and state == "pending":
-            code = run_phase("trainer", spec, store, store_url)
-        if code == 0:
-            code = run_phase("evaluator", spec, store, store_url)
-        if code != 0:
+        if status.state is TrialState.FAILED and status.failed_attempts >= max_attempts:
             counts["failed"] += 1
-            log.error("sweep %s: %s failed (exit %d); going on with the rest", sweep.name, tag, code)
-        else:
+            log.error("sweep %s: %s failed %d attempt(s), the limit (%d); not retried (last: %s: %s). Fix the "
+                      "cause, then submit with --max-attempts %d", sweep.name, tag, status.failed_attempts,
+                      max_attempts, status.failure.phase, status.failure.reason, status.failed_attempts + 1)
+            continue
+        status = start_attempt(store, spec.sweep, spec.trial_id, "local")
+        train = spec.trains and not status.trained
+        log.info("sweep %s: %s %s (attempt %d)", sweep.name, tag, "training" if train else "evaluating",
+                 status.attempt)
+        code = 0
+        try:
+            if train:
+                code = run_phase("trainer", spec, store, store_url)
+            if code == 0:
+                code = run_phase("evaluator", spec, store, store_url)
+        except KeyboardInterrupt:
+            end_attempt(store, spec.sweep, spec.trial_id, "stopped")  # not failed: the next submit carries on
+            raise
+        if code == 0:
+            end_attempt(store, spec.sweep, spec.trial_id, "done")
             counts["ran"] += 1
+        else:
+            counts["failed"] += 1
+            log.error("sweep %s: %s failed (exit %d)%s; going on with the rest", sweep.name, tag, code,
+                      " after a preemption: the next submit resumes it" if code == PREEMPTED_EXIT else "")
     select_best(sweep, store, plan.trials())
     return counts

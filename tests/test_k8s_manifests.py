@@ -261,7 +261,9 @@ def test_labels_annotations_and_names(sweeps, settings):
                 "finesweep.io/stage": spec.stage,
             }
             for obj in (configmap, job, job["spec"]["template"]):
-                assert obj["metadata"]["labels"] == expected
+                # The Job and its pods also say which attempt of the trial they run; the ConfigMap is per Job.
+                attempt = {} if obj is configmap else {"finesweep.io/attempt": "1"}
+                assert obj["metadata"]["labels"] == {**expected, **attempt}
                 assert obj["metadata"]["annotations"]["finesweep.io/trial-name"] == spec.name
             assert configmap["metadata"]["name"] == f"{name}-spec"
             assert job["metadata"]["namespace"] == configmap["metadata"]["namespace"] == "finesweep"
@@ -474,6 +476,8 @@ class FakeCluster:
         self.pods: list[dict] = []
         self.logs: dict[tuple[str, str], list[bytes]] = {}
         self.most_unfinished = 0
+        self.deleted_jobs: list[tuple[str, str | None]] = []
+        self.created_jobs: list[str] = []
 
     @staticmethod
     def _matches(obj, selector):
@@ -497,6 +501,7 @@ class FakeCluster:
         job["metadata"]["uid"] = f"uid-{name}"
         job["status"] = {}
         self.jobs[name] = job
+        self.created_jobs.append(name)
         self.most_unfinished = max(self.most_unfinished, self._unfinished())
         return _Response(job)
 
@@ -504,7 +509,13 @@ class FakeCluster:
         return _Response({"items": [j for j in self.jobs.values() if self._matches(j, label_selector)]})
 
     def delete_namespaced_job(self, name, namespace, propagation_policy=None):
+        if name not in self.jobs:
+            raise self._conflict(404)
         self.jobs.pop(name)
+        self.deleted_jobs.append((name, propagation_policy))
+        # Garbage collection of what the Job owns (its pods, its spec ConfigMap), at once here.
+        self.pods = [p for p in self.pods if (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name")
+                     != name]
 
     # core/v1
     def create_namespaced_config_map(self, namespace, body, _preload_content=True):
@@ -520,7 +531,12 @@ class FakeCluster:
         return _Response(self.configmaps[name])
 
     def delete_namespaced_config_map(self, name, namespace):
+        if name not in self.configmaps:
+            raise self._conflict(404)
         self.configmaps.pop(name)
+
+    def list_namespaced_config_map(self, namespace, label_selector, _preload_content=True):
+        return _Response({"items": [c for c in self.configmaps.values() if self._matches(c, label_selector)]})
 
     def list_namespaced_pod(self, namespace, label_selector, _preload_content=True):
         return _Response({"items": [p for p in self.pods if self._matches(p, label_selector)]})
@@ -645,7 +661,9 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     assert row["reason"].endswith("; last pod: train: OOMKilled (exit 137)") and row["exit_code"] == 137
     assert row["finished"] == "2026-01-01T00:05:00Z"
     assert (rows[trials[2].trial_id]["phase"], rows[trials[2].trial_id]["reason"]) == ("Pending", "no pod yet")
-    assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason", "exit_code"}
+    assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason", "exit_code",
+                        "attempt"}
+    assert row["attempt"] == 1
 
 
 def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster, local_store, example_sweeps,
@@ -756,3 +774,125 @@ def test_make_dry_run_for_the_dpo_sweep_prints_valid_jobs_for_all_trials(tmp_pat
     assert sorted(j["metadata"]["annotations"]["finesweep.io/trial-name"] for j in jobs) == \
         ["base", "start", "t1", "t2", "t3", "t4", "t5"]
     assert k8s_schemas.validate_stream(docs) == []
+
+
+# ------------------------------------------------------------------------------------------ retries and cancel
+
+def _fail_job(cluster, job_name_, exit_code=3, reason="Error"):
+    job = cluster.jobs[job_name_]
+    job["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                                  "message": "exit code 3"}]}
+    cluster.pods.append(_pod(job, f"{job_name_}-pod", "2026-01-01T00:00:00Z",
+                             {"terminated": {"exitCode": exit_code, "reason": reason}}, {"waiting": {}}))
+
+
+def test_resubmit_retries_exactly_the_failed_trial_as_a_new_attempt(fake_cluster, local_store, example_sweeps,
+                                                                     settings):
+    """A failed trial's Job and ConfigMap are deleted and attempt 2 gets a Job of its own name; the finished
+    trial and the running one are left alone; the store records both attempts."""
+    from finesweep.store import LocalStore, TrialState, read_status
+
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
+    done, failed, running = trials_of(sweep)[:3]
+    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                       err=io.StringIO())
+    store = LocalStore(local_store)
+    store.write_marker(f"{sweep.name}/{done.trial_id}/_DONE", {})
+    fake_cluster.jobs[km.job_name(done)]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    _fail_job(fake_cluster, km.job_name(failed))
+    before = set(fake_cluster.jobs)
+
+    out = io.StringIO()
+    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
+                                 err=io.StringIO())
+    retry = km.job_name(failed, 2)
+    assert created == [retry] and retry == f"{km.job_name(failed)}-a2"
+    assert fake_cluster.deleted_jobs == [(km.job_name(failed), "Background")]
+    assert set(fake_cluster.jobs) == before - {km.job_name(failed)} | {retry}
+    assert km.configmap_name(failed) not in fake_cluster.configmaps and km.configmap_name(failed, 2) in \
+        fake_cluster.configmaps
+    job = fake_cluster.jobs[retry]
+    assert job["metadata"]["labels"]["finesweep.io/attempt"] == "2"
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")
+    assert volume["configMap"]["name"] == km.configmap_name(failed, 2)
+    assert "attempt 1 failed; deleted job" in out.getvalue() and f"exists (job {km.job_name(running)}" in \
+        out.getvalue()
+    status_ = read_status(store, sweep.name, failed.trial_id)
+    assert (status_.state, status_.attempt, status_.attempts[0].outcome) == (TrialState.RUNNING, 2, "failed")
+    assert "exit 3" in status_.attempts[0].failure["reason"]
+    assert read_status(store, sweep.name, running.trial_id).attempt == 1
+
+    # Submitting again creates nothing: every trial's current attempt has its Job.
+    assert k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                              err=io.StringIO()) == []
+    assert fake_cluster.created_jobs.count(retry) == 1
+
+
+def test_the_attempt_limit_stops_retries(fake_cluster, local_store, example_sweeps, settings):
+    from finesweep.store import LocalStore, read_status
+
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
+    spec = trials_of(sweep)[0]
+    for attempt in (1, 2):
+        k8s_backend.submit(sweep, [spec], STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO(),
+                           max_attempts=2)
+        _fail_job(fake_cluster, km.job_name(spec, attempt))
+    out = io.StringIO()
+    assert k8s_backend.submit(sweep, [spec], STORE_URL, settings, dry_run=False, out=out, err=io.StringIO(),
+                              max_attempts=2) == []
+    assert "failed 2 attempt(s), the limit (2); not retried" in out.getvalue() and "--max-attempts 3" in \
+        out.getvalue()
+    assert read_status(LocalStore(local_store), sweep.name, spec.trial_id).failed_attempts == 2
+
+
+def test_dry_run_shows_the_retry_a_submit_would_create(fake_cluster, local_store, example_sweeps, settings):
+    from finesweep.store import LocalStore, record_failure, start_attempt
+
+    sweep = example_sweeps[0]
+    spec = trials_of(sweep)[0]
+    store = LocalStore(local_store)
+    start_attempt(store, sweep.name, spec.trial_id, "k8s")
+    record_failure(store, sweep.name, spec.trial_id, "job", "OOMKilled", 137)
+    out, err = io.StringIO(), io.StringIO()
+    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=err)
+    assert names[0] == km.job_name(spec, 2) and names[1:] == [km.job_name(t) for t in trials_of(sweep)[1:]]
+    assert f"deletes job {km.job_name(spec)} and retries it as attempt 2" in err.getvalue()
+    assert not fake_cluster.jobs  # a dry run touches no cluster
+
+
+def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on(fake_cluster, local_store,
+                                                                                  example_sweeps, settings, caplog):
+    from finesweep.store import LocalStore, TrialState, read_status
+    from submitter.__main__ import main
+
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
+    other = dataclasses.replace(example_sweeps[0], name="other", max_parallel=10)
+    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                       err=io.StringIO())
+    k8s_backend.submit(other, trials_of(other), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                       err=io.StringIO())
+    mine = {km.job_name(t) for t in trials_of(sweep)}
+    deleted = k8s_backend.cancel(sweep.name, settings, out=io.StringIO())
+    assert set(deleted) == mine and not mine & set(fake_cluster.jobs)
+    assert all(policy == "Background" for _, policy in fake_cluster.deleted_jobs)  # pods go with their Job
+    assert not [c for c in fake_cluster.configmaps if c.startswith(f"{sweep.name}-")]
+    assert {km.job_name(t) for t in trials_of(other)} <= set(fake_cluster.jobs)  # another sweep is left alone
+    store = LocalStore(local_store)
+    assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).state is TrialState.RUNNING
+    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                                 err=io.StringIO())
+    assert set(created) == mine  # same attempt, same Job names: cancelling is not a failed attempt
+    assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).attempt == 1
+
+    # The command: Jobs gone, the sweep's unfinished trials marked stopped in the store (not failed).
+    path = local_store / "cancel.yaml"  # the example with a shipped eval set, so the command's preflight passes
+    path.write_text(EXAMPLE_PIPELINE.replace("chat-small", "sft-open-questions"))
+    sweep = dataclasses.replace(load_sweeps(path)[0], max_parallel=10)
+    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                       err=io.StringIO())
+    assert main(["cancel", str(path), "--backend", "k8s", "--store", STORE_URL]) == 0
+    assert not {km.job_name(t) for t in trials_of(sweep)} & set(fake_cluster.jobs)
+    assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).state is TrialState.STOPPED
+    caplog.set_level("INFO", logger="finesweep")
+    assert main(["cancel", str(path), "--store", STORE_URL]) == 0  # local: nothing runs in the background
+    assert "nothing was cancelled" in caplog.text

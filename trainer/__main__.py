@@ -18,12 +18,12 @@ log = logging.getLogger("finesweep")
 
 def train(spec, store, force: bool) -> int:
     from finesweep import exitcodes
-    from finesweep.store import trial_state
+    from finesweep.store import read_status
 
     if not spec.trains:
         log.error("trial %s has stage %r: nothing to train", spec.trial_id, spec.stage)
         return exitcodes.CONFIG_ERROR
-    if not force and trial_state(store, spec.sweep, spec.trial_id) != "pending":
+    if not force and read_status(store, spec.sweep, spec.trial_id).trained:
         log.info("[%s/%s %s] already trained in %s; skipping", spec.sweep, spec.name, spec.trial_id, store.url)
         return exitcodes.OK
     if spec.stage == "sft":

@@ -1,0 +1,148 @@
+"""The one trial state (finesweep.store.read_status) and the attempts the store records, with the local
+backend's retries on resubmit (the trainer and evaluator replaced by stubs: the rules, not the training)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from finesweep import store as st
+from finesweep.store import LocalStore, TrialState, read_status
+from submitter import commands, local
+from submitter.plan import SweepPlan, load_plan
+
+from .conftest import ROOT
+
+SWEEP, TRIAL = "sft", "sft-0123456789"
+PREFIX = f"{SWEEP}/{TRIAL}"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path / "store")
+
+
+def status(store):
+    return read_status(store, SWEEP, TRIAL)
+
+
+def test_states_in_order_of_what_the_store_holds(store):
+    assert (status(store).state, status(store).attempt) == (TrialState.PENDING, 0)
+    st.start_attempt(store, SWEEP, TRIAL, "local")
+    assert (status(store).state, status(store).attempt) == (TrialState.RUNNING, 1)
+    store.write_marker(f"{PREFIX}/{st.TRAINED}", {})
+    assert status(store).state is TrialState.RUNNING and status(store).trained
+    st.record_failure(store, SWEEP, TRIAL, "eval", "adapter corrupt", 3)
+    s = status(store)
+    assert (s.state, s.failure.phase, s.failure.exit_code, s.failure.attempt, s.failed_attempts) == \
+        (TrialState.FAILED, "eval", 3, 1, 1)
+    store.write_marker(f"{PREFIX}/{st.DONE}", {})
+    assert status(store).state is TrialState.DONE and status(store).failure is None  # _DONE wins
+
+
+def test_a_recreated_trial_with_an_old_failure_is_not_settled(store):
+    """The bug of issue 11: the old _FAILED made a re-created trial count as finished, so a pipeline waiting on
+    its sweep picked the best trial before the retry ran."""
+    st.start_attempt(store, SWEEP, TRIAL, "k8s", job="sft-sft-0123456789")
+    st.record_failure(store, SWEEP, TRIAL, "job", "OOMKilled", 137)
+    assert status(store).settled
+    retry = st.start_attempt(store, SWEEP, TRIAL, "k8s", job="sft-sft-0123456789-a2")
+    assert (retry.state, retry.attempt, retry.settled) == (TrialState.RUNNING, 2, False)
+    assert not store.exists(f"{PREFIX}/{st.FAILED}")
+    first = retry.attempts[0]
+    assert (first.outcome, first.failure["reason"], first.job) == ("failed", "OOMKilled", "sft-sft-0123456789")
+    # A late report of attempt 1's Job (another `status` racing the resubmit) cannot fail attempt 2 ...
+    assert st.record_failure(store, SWEEP, TRIAL, "job", "OOMKilled", 137, attempt=1) is None
+    assert status(store).state is TrialState.RUNNING
+    # ... and neither can a _FAILED written without an attempt number before the retry started.
+    store.write_json(f"{PREFIX}/{st.FAILED}", {"phase": "job", "reason": "old", "at": 1.0})
+    assert status(store).state is TrialState.RUNNING and status(store).failure is None
+
+
+def test_a_failure_from_before_attempts_were_recorded_counts_as_attempt_one(store):
+    store.write_json(f"{PREFIX}/{st.FAILED}", {"phase": "train", "reason": "x", "exit_code": 1, "at": 5.0})
+    assert (status(store).state, status(store).failed_attempts) == (TrialState.FAILED, 1)
+    assert st.start_attempt(store, SWEEP, TRIAL, "local").attempt == 2
+
+
+def test_preemption_and_cancel_are_not_failed_attempts(store):
+    st.start_attempt(store, SWEEP, TRIAL, "local")
+    assert st.record_failure(store, SWEEP, TRIAL, "train", "SIGTERM", st.PREEMPTED_EXIT) is None
+    assert (status(store).state, status(store).failed_attempts) == (TrialState.PENDING, 0)
+    assert st.start_attempt(store, SWEEP, TRIAL, "local").attempt == 1  # resumes the same attempt
+    st.end_attempt(store, SWEEP, TRIAL, "stopped")
+    assert status(store).state is TrialState.STOPPED and not status(store).settled
+    assert st.start_attempt(store, SWEEP, TRIAL, "k8s").attempt == 1
+
+
+# ------------------------------------------------------------------------------------------ local backend
+
+@pytest.fixture
+def smoke_sft(store):
+    (plan, _) = load_plan(str(ROOT / "jobs" / "smoke.yaml"), store, allow_unresolved=True)
+    return SweepPlan(dataclasses.replace(plan.sweep), None)
+
+
+def test_local_resubmit_reruns_exactly_the_failed_trials_up_to_the_limit(store, smoke_sft, monkeypatch):
+    """Stub phases: the 'flaky' trial fails training once per run; every other trial succeeds."""
+    specs = smoke_sft.all_specs()
+    flaky = smoke_sft.trials()[0]
+    runs: list[tuple[str, str]] = []
+    outcome = {"flaky_exit": 1}
+
+    def fake_phase(module, spec, store_, url):
+        runs.append((module, spec.trial_id))
+        prefix = st.trial_prefix(spec.sweep, spec.trial_id)
+        if spec.trial_id == flaky.trial_id and module == "trainer" and outcome["flaky_exit"]:
+            st.record_failure(store_, spec.sweep, spec.trial_id, "train", "boom", outcome["flaky_exit"])
+            return outcome["flaky_exit"]
+        if module == "trainer":
+            store_.write_marker(f"{prefix}/{st.TRAINED}", {})
+        else:
+            store_.write_json(f"{prefix}/eval.json", {"summary": {}})
+            store_.write_marker(f"{prefix}/{st.DONE}", {})
+        return 0
+
+    monkeypatch.setattr(local, "run_phase", fake_phase)
+    monkeypatch.setattr(local, "select_best", lambda *a, **k: None)
+
+    first = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
+    assert first == {"done_before": 0, "ran": len(specs) - 1, "failed": 1}
+    runs.clear()
+    second = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
+    assert runs == [("trainer", flaky.trial_id)]  # exactly the failed trial, nothing that finished
+    assert second == {"done_before": len(specs) - 1, "ran": 0, "failed": 1}
+    assert status_of(store, flaky).failed_attempts == 2
+    runs.clear()
+    third = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
+    assert runs == [] and third["failed"] == 1  # the limit: not run again
+    outcome["flaky_exit"] = 0
+    fourth = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=3)
+    assert runs == [("trainer", flaky.trial_id), ("evaluator", flaky.trial_id)] and fourth["ran"] == 1
+    final = status_of(store, flaky)
+    assert (final.state, final.attempt, [a.outcome for a in final.attempts]) == \
+        (TrialState.DONE, 3, ["failed", "failed", "done"])
+
+
+def status_of(store, spec):
+    return read_status(store, spec.sweep, spec.trial_id)
+
+
+def test_waiting_pipeline_does_not_settle_on_a_retried_trial(store, smoke_sft, monkeypatch):
+    specs = smoke_sft.all_specs()
+    for spec in specs[1:]:
+        store.write_json(f"{spec.sweep}/{spec.trial_id}/eval.json", {"summary": {}})
+        store.write_marker(f"{spec.sweep}/{spec.trial_id}/{st.DONE}", {})
+    retried = specs[0]
+    store.write_json(f"{retried.sweep}/{retried.trial_id}/{st.FAILED}", {"phase": "job", "reason": "x", "at": 1.0})
+    st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
+    chosen = []
+    monkeypatch.setattr(commands, "select_best", lambda *a: chosen.append(a))
+    with pytest.raises(TimeoutError):
+        commands.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=0.05)
+    assert chosen == []
+    st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
+    st.end_attempt(store, retried.sweep, retried.trial_id, "stopped")
+    with pytest.raises(commands.SweepStopped, match="cancelled"):
+        commands.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=5)
