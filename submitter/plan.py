@@ -10,13 +10,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from finesweep.evalsets import EvalSetError, load_evalset
 from finesweep.spec import Sweep, SweepError, StartRef, TrialSpec, load_sweeps, resolve_sweep_path
-from finesweep.store import ArtifactStore, StoreError, trial_prefix, trial_state
+from finesweep.store import ArtifactStore, StoreError, read_status, trial_prefix, trial_state
 
 log = logging.getLogger("finesweep")
-ROOT = Path(__file__).resolve().parent.parent
-EVALSETS = ROOT / "evaluator" / "evalsets"
 BEST = "best.json"
+
+
+def project_dir() -> Path:
+    """Where sweep names (jobs/<name>.yaml) and relative paths in sweep files (model, data, eval sets) are
+    looked up, and where the local backend runs trials: the current directory, as for any installed command
+    (the repository root under make). Not the code's location: an installed package lives in site-packages."""
+    return Path.cwd()
 
 
 @dataclass
@@ -39,11 +45,12 @@ class SweepPlan:
         return self.references() + self.trials()
 
 
-def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path = ROOT / "jobs",
+def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None,
               allow_unresolved: bool = False) -> list[SweepPlan]:
     """Validate the whole file (every sweep, every trial, local paths, eval sets, start points) before
     anything runs; raises SweepError naming the file, the field and the fix. With `allow_unresolved`
     (dry runs, status), a start point missing from the store leaves the plan unresolved instead."""
+    jobs_dir = project_dir() / "jobs" if jobs_dir is None else jobs_dir
     path = resolve_sweep_path(sweep_arg, jobs_dir)
     if not _exists(path):
         known = ", ".join(sorted(p.stem for p in jobs_dir.glob("*.yaml")))
@@ -78,20 +85,20 @@ def resolve_recorded_starts(plans: list[SweepPlan], store: ArtifactStore) -> Non
 def preflight(sweep: Sweep, where: str = "") -> None:
     """Checks that need the file system: local model and data paths, eval sets."""
     src = sweep.source
-    if _looks_local(sweep.model) and not _exists(ROOT / sweep.model) and not _exists(sweep.model):
+    if _looks_local(sweep.model) and not _exists(sweep.model):
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
                          "build it (make tiny-model for build/tiny-llama) or name a Hub model id")
     paths = [sweep.dataset.path] if _looks_local(sweep.dataset.path) else []
     paths += list(sweep.dataset.data_files or [])
     for p in paths:
-        if not _exists(p) and not _exists(ROOT / p):
+        if not _exists(p):
             raise SweepError(src, f"{where}dataset", f"local data {p!r} does not exist",
                              "fix the path (relative to the project root) or use a Hub dataset id")
-    for name in (sweep.eval.set, *sweep.eval.extra_sets):
-        if not _exists(EVALSETS / f"{name}.jsonl") and not _exists(name):
-            known = ", ".join(sorted(p.stem for p in EVALSETS.glob("*.jsonl")))
-            raise SweepError(src, f"{where}eval.set", f"eval set {name!r} not found",
-                             f"use one of {known} or a path to a JSONL file")
+    for field, name in (("eval.set", sweep.eval.set), *(("eval.extra_sets", n) for n in sweep.eval.extra_sets)):
+        try:
+            load_evalset(name)  # the evaluator's own lookup and row checks, so it cannot fail on them later
+        except EvalSetError as err:
+            raise SweepError(src, f"{where}{field}", err.problem, err.fix) from None
 
 
 def _exists(path: str | Path) -> bool:
@@ -118,7 +125,7 @@ def resolve_start(sweep: Sweep, store: ArtifactStore, where: str = "") -> StartR
                              f"run `make submit SWEEP={name}` with the same STORE first, or name a trained "
                              "trial as `<sweep>:<trial id>`") from None
         return StartRef(name, best["trial_id"])
-    if trial_state(store, name, which) == "pending":
+    if not read_status(store, name, which).trained:
         raise SweepError(sweep.source, f"{where}from", f"trial {name}/{which} has no trained adapter in {store.url}",
                          f"check `make status SWEEP={name}` for trained trial ids")
     return StartRef(name, which)
