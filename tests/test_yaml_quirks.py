@@ -38,9 +38,9 @@ def test_yaml_quirk_is_an_error_naming_line_and_key(tmp_path, extra, field, line
     with pytest.raises(SweepError) as err:
         load_sweeps(path)
     e = err.value
-    assert e.source == str(path) and e.field_path == f"{field} (line {line})", str(e)
-    assert problem in e.problem and fix in e.fix, str(e)
-    assert str(e).startswith(f"{path}: {field} (line {line}): ") and "\n" not in str(e)
+    assert e.source == str(path) and e.field_path == field, str(e)
+    assert e.problem.startswith(f"line {line}: ") and problem in e.problem and fix in e.fix, str(e)
+    assert str(e).startswith(f"{path}: {field}: line {line}: ") and "\n" not in str(e)
 
 
 def test_a_duplicate_key_in_a_pipeline_sweep_names_its_path(tmp_path):
@@ -54,7 +54,7 @@ def test_a_duplicate_key_in_a_pipeline_sweep_names_its_path(tmp_path):
     """))
     with pytest.raises(SweepError) as err:
         load_sweeps(path)
-    assert err.value.field_path == "pipeline[0].stage (line 5)", str(err.value)
+    assert err.value.field_path == "pipeline[0].stage" and err.value.problem.startswith("line 5: "), str(err.value)
 
 
 @pytest.mark.parametrize("extra", [

@@ -13,7 +13,7 @@ always a finished, checked export):
 With --out s3://bucket/prefix the checked folder is uploaded there, file by file, with an _EXPORTED marker
 listing every file's SHA-256 written last (the store's rule: no marker, no finished export).
 
-Pushing to the Hub is left to huggingface_hub (see README.md): `huggingface-cli upload <repo> DIR` with
+Pushing to the Hub is left to huggingface_hub (see README.md): `hf upload <repo> DIR .` with
 HF_TOKEN, and HF_ENDPOINT for a mirror.
 """
 
@@ -357,5 +357,9 @@ def cli(args, store: ArtifactStore) -> int:
     except ExportCheckError as err:
         log.error("export %s %s: %s", args.sweep, args.trial, err)
         return 1
+    except OSError as err:  # from_pretrained of a base model this machine cannot reach, a full disk
+        log.error("export %s %s: %s. Fix: make the base model reachable (HF_ENDPOINT, a local folder) and the "
+                  "--out location writable", args.sweep, args.trial, str(err).replace("\n", " ")[:500])
+        return 2
     print(args.out)
     return 0
