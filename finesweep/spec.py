@@ -125,6 +125,9 @@ class Hyper:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     lr: float = 2e-4
+    # The GLOBAL batch of one forward/backward pass, before grad_accum (rows per optimizer step = batch_size *
+    # grad_accum), split evenly over the trial's processes (GPUs, or FINESWEEP_PROCESSES on CPU): a trial optimises
+    # the same way on 1 or N processes, so its id says what it trained. A batch that does not split is refused.
     batch_size: int = 8
     epochs: float = 1.0
     grad_accum: int = 1
@@ -296,6 +299,8 @@ class Sweep:
     start_from: str | None = None  # "<sweep>:best" or "<sweep>:<trial-id>"
     max_parallel: int = 1
     source: str = ""
+    search: "SearchSpec | None" = None  # trials beyond `trials:`/`grid:` chosen by finesweep.search
+    prune: "PruneSpec | None" = None
 
     @property
     def start_sweep(self) -> str | None:
@@ -334,12 +339,115 @@ def trial_from_dict(data: dict) -> TrialSpec:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+class SweepLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what YAML 1.1 (which PyYAML implements) silently reads as something other
+    than what was written, and what YAML 1.2 tools (editors, the JSON Schema in jobs/) read differently again:
+    a key set twice in one mapping (the last wins), yes/no/on/off as booleans, a leading zero as octal
+    (`seed: 010` is 8), colon-separated digits as base 60 (`lr: 1:30` is 90), bare dates. Quoted, each is text.
+    `2e-4` stays what PyYAML reads (text), which number fields accept as the number."""
+
+    source = "(sweep)"
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_nodes(self, node, self.source)
+        return self.construct_document(node)
+
+
+_YAML_BOOL, _YAML_INT, _YAML_FLOAT, _YAML_DATE = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float",
+                                                                                    "timestamp"))
+_YAML_MERGE = "tag:yaml.org,2002:merge"
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """The document in `text`, read by SweepLoader; a quirk is a SweepError naming the line and the key."""
+    loader = SweepLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_quirk(loader: SweepLoader, node: yaml.ScalarNode) -> tuple[str, str] | None:
+    """(problem, fix) when a plain scalar does not mean what it says, else None."""
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None:
+        return None  # quoted or block text is always a string
+    text = node.value
+    quote = f"quote it ('{text}') if you meant the text"
+    if node.tag == _YAML_BOOL and text.lower() not in ("true", "false"):
+        value = loader.construct_yaml_bool(node)
+        return (f"`{text}` is read as the boolean {str(value).lower()} (YAML 1.1 takes yes/no/on/off for "
+                "true/false; YAML 1.2 tools read text)", f"{quote}, or write {str(value).lower()} for a boolean")
+    if _LEADING_ZERO.fullmatch(text):
+        plain = int(text.replace("_", ""), 10)
+        read = f"the octal number {loader.construct_yaml_int(node)}" if node.tag == _YAML_INT else "text"
+        return (f"`{text}` has a leading zero, which YAML 1.1 reads as {read} (YAML 1.2 tools: {plain})",
+                f"write {plain} for the number, or {quote}")
+    if node.tag in (_YAML_INT, _YAML_FLOAT) and ":" in text:
+        value = (loader.construct_yaml_int if node.tag == _YAML_INT else loader.construct_yaml_float)(node)
+        return (f"`{text}` is read as the base-60 number {value} (YAML 1.1 sexagesimal; YAML 1.2 tools read text)",
+                f"{quote}, or write the number itself (e.g. 2.0e-4)")
+    if node.tag == _YAML_INT and text.lstrip("+-").startswith(("0b", "0B")):
+        return (f"`{text}` is read as the binary number {loader.construct_yaml_int(node)} (YAML 1.1; YAML 1.2 "
+                "tools read text)", f"write the number in decimal, or {quote}")
+    if node.tag == _YAML_DATE:
+        return f"`{text}` is read as a date, not text", quote
+    return None
+
+
+def _check_yaml_nodes(loader: SweepLoader, root: yaml.Node, source: str) -> None:
+    seen: set[int] = set()  # aliases share nodes (and can loop): each is checked once
+
+    def fail(node: yaml.Node, where: str, problem: str, fix: str):
+        # The field as every other sweep error names it; the line in the problem, since YAML is where it went wrong.
+        raise SweepError(source, where or "(file)", f"line {node.start_mark.line + 1}: {problem}", fix)
+
+    def walk(node: yaml.Node, where: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            quirk = _yaml_quirk(loader, node)
+            if quirk:
+                fail(node, where, *quirk)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if key.tag == _YAML_MERGE:  # `<<: *defaults`: keys written here override merged ones, by design
+                    walk(value, where)
+                    continue
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "(complex key)"
+                at = f"{where}.{name}" if where else name
+                quirk = _yaml_quirk(loader, key)
+                if quirk:
+                    fail(key, at, f"the key {quirk[0]}", quirk[1])
+                if isinstance(key, yaml.ScalarNode):
+                    ident = (key.tag, key.value)
+                    if ident in first_line:
+                        fail(key, at, f"is set twice in one mapping (lines {first_line[ident]} and "
+                             f"{key.start_mark.line + 1}); YAML keeps only the last, silently",
+                             "keep one of them")
+                    first_line[ident] = key.start_mark.line + 1
+                walk(value, at)
+
+    walk(root, "")
+
+
 def load_sweeps(path: str | Path) -> list[Sweep]:
     """Load and validate a sweep file. Raises SweepError naming the file, field and fix."""
     path = Path(path)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"), source)
+    except SweepError:
+        raise
     except FileNotFoundError:
         raise SweepError(source, "(file)", "no such file", "name a file under jobs/ or give a path") from None
     except UnicodeDecodeError as err:
@@ -376,7 +484,7 @@ def load_sweeps(path: str | Path) -> list[Sweep]:
 
 
 SWEEP_KEYS = {"name", "stage", "model", "dataset", "prompt_format", "max_length", "eval", "select",
-              "from", "defaults", "trials", "grid", "max_parallel"}
+              "from", "defaults", "trials", "grid", "max_parallel", "search", "prune"}
 
 
 def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> Sweep:
@@ -457,8 +565,9 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
                          "run at least 1 trial at a time")
     trials = _expand_trials(raw, source, where, stage)
     _check_select_betas(select, trials, source, at)
+    search, prune = parse_search(raw, source, where, stage, select, dataset, eval_spec, len(trials))
     return Sweep(name, stage, model, dataset, prompt_format, max_length, eval_spec, select, tuple(trials),
-                 start_from, max_parallel, source)
+                 start_from, max_parallel, source, search, prune)
 
 
 def _expand_trials(raw: dict, source: str, where: str, stage: str) -> list[tuple[str, Hyper]]:
@@ -503,7 +612,7 @@ def _expand_trials(raw: dict, source: str, where: str, stage: str) -> list[tuple
         point = dict(zip(keys, combo))
         label = "-".join(f"{k}{_short(v)}" for k, v in point.items())
         entries.append((f"g{j + 1}-{label}"[:60], at(f"grid (point {j + 1}: {point})"), {**defaults, **point}))
-    if not entries:
+    if not entries and not raw.get("search"):  # a search sweep may leave every trial to the search
         raise SweepError(source, at("trials"), "the sweep has no trials",
                          "add a `trials:` list and/or a `grid:` of hyperparameters")
     result, seen = [], {}
@@ -538,7 +647,8 @@ def _check_hyper(h: Hyper, source: str, where: str, stage: str) -> None:
     if not (h.lr > 0 and math.isfinite(h.lr)) or h.lr >= 1:
         bad("lr", f"learning rate {h.lr} is not in (0, 1)", "use e.g. 2e-4 for SFT LoRA, 5e-6 for DPO")
     if h.batch_size <= 0:
-        bad("batch_size", f"{h.batch_size} is not positive", "use a per-device batch size such as 4 or 8")
+        bad("batch_size", f"{h.batch_size} is not positive",
+            "use a global batch (rows per step before grad_accum, split over the processes) such as 4 or 8")
     if h.grad_accum <= 0:
         bad("grad_accum", f"{h.grad_accum} is not positive", "use 1 for no accumulation")
     if not (h.epochs > 0 and math.isfinite(h.epochs)) and h.max_steps <= 0:
@@ -694,3 +804,252 @@ def resolve_sweep_path(name_or_path: str, jobs_dir: str | Path = "jobs") -> Path
     if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
         return Path(name_or_path)
     return Path(jobs_dir) / f"{name_or_path}.yaml"
+
+
+# ----------------------------------------------------------------------------- search and pruning (issue 13)
+# `search:` adds trials chosen by an Optuna sampler to a sweep's `trials:`/`grid:` (which run first and count
+# toward the budget); `prune:` stops unpromising trials at fixed amounts of training data. finesweep.search runs
+# them; this section only parses and validates, so a wrong value fails before anything runs.
+
+SEARCH_METHODS = ("grid", "random", "tpe")
+PRUNERS = ("median", "asha", "hyperband")
+# What the trainers' own eval loop measures on the held-out rows during training, so what a pruner can watch.
+INTERMEDIATE_METRICS = {"sft": ("heldout_loss", "heldout_perplexity"),
+                        "dpo": ("heldout_dpo_loss", "preference_accuracy")}
+SEARCH_KEYS = {"method", "seed", "budget", "parallel", "space", "startup_trials"}
+PRUNE_KEYS = {"method", "every_examples", "min_examples", "reduction_factor", "startup_trials", "max_examples"}
+_INT_KEYS = {"r", "alpha", "batch_size", "grad_accum", "max_steps", "seed", "train_rows", "test_rows"}
+_FLOAT_KEYS = {"dropout", "lr", "epochs", "beta", "warmup_ratio", "weight_decay"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched Hyper key: a float or int range (`low`/`high`, `log`, `step`), `choices`, or a tie
+    (`times` another key, `factor`: alpha = 2 * r)."""
+
+    key: str
+    kind: str  # float | int | choice | tie
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    times: str = ""
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    method: str  # grid | random | tpe
+    seed: int
+    budget: int  # trials in the study, `trials:`/`grid:` entries included
+    parallel: int  # trials trained at once
+    space: tuple[Param, ...]
+    startup_trials: int = 5  # tpe: finished trials before its model is used (random until then)
+    base: Hyper = Hyper()  # the sweep's `defaults:`, which every suggestion starts from
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str  # median | asha | hyperband
+    every_examples: int  # evaluate every this many training examples ...
+    min_examples: int  # ... from this many on (the first rung of asha / hyperband)
+    reduction_factor: int = 3  # asha, hyperband: keep the best 1/reduction_factor at each rung
+    startup_trials: int = 2  # median: trials that finish unpruned before it prunes
+    max_examples: int | None = None  # hyperband: a full trial's examples (None: the first finished trial's)
+
+
+def parse_search(raw: dict, source: str, where: str, stage: str, select: SelectSpec, dataset: DatasetSpec,
+                 eval_spec: EvalSpec, fixed: int) -> tuple[SearchSpec | None, PruneSpec | None]:
+    at = (lambda key: f"{where}.{key}" if where else key)
+    search_raw, prune_raw = raw.get("search"), raw.get("prune")
+    if search_raw is None:
+        if prune_raw is not None:
+            raise SweepError(source, at("prune"), "is set without a `search:` block",
+                             "add `search: {method: tpe, budget: 20, space: {...}}`, or remove `prune:`")
+        return None, None
+    if not isinstance(search_raw, dict):
+        raise SweepError(source, at("search"), f"is {_type_name(search_raw)}, not a mapping",
+                         "write `search: {method: tpe, seed: 0, budget: 20, parallel: 1, space: {...}}`")
+    _check_keys(source, at("search"), search_raw, SEARCH_KEYS)
+    method = _check_choice(source, at("search.method"), search_raw.get("method", "tpe"), SEARCH_METHODS)
+    numbers = {}
+    for key, default, least in (("seed", 0, 0), ("budget", None, 1), ("parallel", 1, 1), ("startup_trials", 5, 0)):
+        if key not in search_raw and default is None:
+            raise SweepError(source, at(f"search.{key}"), "is missing", "give the number of trials, e.g. `budget: 20`")
+        value = _check_type(source, at(f"search.{key}"), search_raw.get(key, default), int)
+        if value < least:
+            raise SweepError(source, at(f"search.{key}"), f"{value} is below {least}", f"use {least} or more")
+        numbers[key] = value
+    if numbers["budget"] > MAX_TRIALS:
+        raise SweepError(source, at("search.budget"), f"{numbers['budget']} trials is too many",
+                         f"keep a sweep under {MAX_TRIALS} trials")
+    if numbers["budget"] < fixed:
+        raise SweepError(source, at("search.budget"), f"{numbers['budget']} is less than the {fixed} `trials:`/"
+                         "`grid:` entries, which run first and count toward it",
+                         f"use a budget of at least {fixed + 1} to let the search add trials")
+    space = _parse_space(search_raw.get("space"), source, at("search.space"), method)
+    _check_space_values(raw, space, source, at("search.space"), stage)
+    if any(p.key == "beta" for p in space):
+        uses = [select.metric, select.tie_break, *(g.metric for g in select.guardrails)]
+        if "reward_margin" in uses:
+            raise SweepError(source, at("search.space.beta"), "beta is searched and select uses reward_margin, "
+                             "which scales with beta", "select by logratio_margin or heldout_dpo_loss")
+    search = SearchSpec(method, numbers["seed"], numbers["budget"], numbers["parallel"], space,
+                        numbers["startup_trials"], _build(Hyper, dict(raw.get("defaults") or {}), source, at("defaults")))
+    if prune_raw is None:
+        return search, None
+    return search, _parse_prune(prune_raw, source, at, stage, select, dataset, eval_spec)
+
+
+def _parse_prune(raw: Any, source: str, at, stage: str, select: SelectSpec, dataset: DatasetSpec,
+                 eval_spec: EvalSpec) -> PruneSpec:
+    if not isinstance(raw, dict):
+        raise SweepError(source, at("prune"), f"is {_type_name(raw)}, not a mapping",
+                         "write `prune: {method: asha, every_examples: 256, min_examples: 256}`")
+    _check_keys(source, at("prune"), raw, PRUNE_KEYS)
+    method = _check_choice(source, at("prune.method"), raw.get("method", "asha"), PRUNERS)
+    if "every_examples" not in raw:
+        raise SweepError(source, at("prune.every_examples"), "is missing",
+                         "say how often to evaluate, in training examples seen, e.g. `every_examples: 256`")
+    values = {}
+    for key, default, least in (("every_examples", None, 1), ("min_examples", raw["every_examples"], 1),
+                                ("reduction_factor", 3, 2), ("startup_trials", 2, 0)):
+        value = _check_type(source, at(f"prune.{key}"), raw.get(key, default), int)
+        if value < least:
+            raise SweepError(source, at(f"prune.{key}"), f"{value} is below {least}", f"use {least} or more")
+        values[key] = value
+    max_examples = raw.get("max_examples")
+    if max_examples is not None:
+        if method != "hyperband":
+            raise SweepError(source, at("prune.max_examples"), f"applies to hyperband, not {method}",
+                             "remove it, or use `method: hyperband`")
+        max_examples = _check_type(source, at("prune.max_examples"), max_examples, int)
+        if max_examples <= values["min_examples"]:
+            raise SweepError(source, at("prune.max_examples"), f"{max_examples} is not above min_examples "
+                             f"{values['min_examples']}", "give the examples a full trial trains on")
+    measurable = INTERMEDIATE_METRICS[stage]
+    if select.metric not in measurable:
+        raise SweepError(source, at("prune"), f"prunes by select.metric {select.metric!r}, which is not measured "
+                         f"during training (a {stage} trial's eval loop measures {', '.join(measurable)})",
+                         f"select by one of {', '.join(measurable)}, or remove `prune:`")
+    if not eval_spec.heldout_rows or not (dataset.test_split or dataset.test_fraction):
+        raise SweepError(source, at("prune"), "needs held-out rows to evaluate during training",
+                         "set dataset.test_fraction (or test_split) and eval.heldout_rows")
+    return PruneSpec(method, values["every_examples"], values["min_examples"], values["reduction_factor"],
+                     values["startup_trials"], max_examples)
+
+
+def _parse_space(raw: Any, source: str, where: str, method: str) -> tuple[Param, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise SweepError(source, where, "is missing or empty" if not raw else f"is {_type_name(raw)}, not a mapping",
+                         "map each searched key to a range or choices, e.g. `lr: {low: 1.0e-5, high: 1.0e-3, "
+                         "log: true}`")
+    _check_keys(source, where, raw, _field_names(Hyper))
+    hints = get_type_hints(Hyper)
+    params = []
+    for key, body in raw.items():
+        w = f"{where}.{key}"
+        if not isinstance(body, dict):
+            raise SweepError(source, w, f"is {_type_name(body)}, not a mapping",
+                             "write `{low: .., high: ..}`, `{choices: [..]}` or `{times: r, factor: 2}`")
+        forms = [f for f in (("low", "high"), ("choices",), ("times",)) if f[0] in body]
+        if len(forms) != 1:
+            raise SweepError(source, w, "needs exactly one of low/high, choices or times",
+                             "write `{low: .., high: ..}`, `{choices: [..]}` or `{times: r, factor: 2}`")
+        if forms[0] == ("choices",):
+            _check_keys(source, w, body, {"choices"})
+            choices = body["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise SweepError(source, f"{w}.choices", "must be a non-empty list", f"write `choices: [a, b]`")
+            values = tuple(_coerce(source, f"{w}.choices[{i}]", c, hints[key]) for i, c in enumerate(choices))
+            if len(set(values)) != len(values):
+                raise SweepError(source, f"{w}.choices", "lists a value twice", "list each value once")
+            params.append(Param(key, "choice", choices=values))
+            continue
+        if method == "grid":
+            raise SweepError(source, w, "is a range, which a grid cannot enumerate", "list the values as `choices:`")
+        if forms[0] == ("times",):
+            _check_keys(source, w, body, {"times", "factor"})
+            if key not in _INT_KEYS | _FLOAT_KEYS:
+                raise SweepError(source, w, f"{key} is not a number, so it cannot be a multiple of another key",
+                                 "search it with `choices:`")
+            times = body["times"]
+            if times not in _INT_KEYS | _FLOAT_KEYS or times == key:
+                raise SweepError(source, f"{w}.times", f"{_clip(times)} is not another numeric hyperparameter",
+                                 "name a key such as r")
+            factor = _check_type(source, f"{w}.factor", body.get("factor", 1.0), float)
+            if factor <= 0:
+                raise SweepError(source, f"{w}.factor", f"{factor} is not positive", "use e.g. `factor: 2`")
+            params.append(Param(key, "tie", times=times, factor=factor))
+            continue
+        _check_keys(source, w, body, {"low", "high", "log", "step"})
+        if "high" not in body:
+            raise SweepError(source, f"{w}.high", "is missing", "give both low and high")
+        if key not in _INT_KEYS | _FLOAT_KEYS:
+            raise SweepError(source, w, f"{key} is not a number, so it has no range", "search it with `choices:`")
+        kind = "int" if key in _INT_KEYS else "float"
+        number = int if kind == "int" else float
+        low = _check_type(source, f"{w}.low", body["low"], number)
+        high = _check_type(source, f"{w}.high", body["high"], number)
+        log_scale = _check_type(source, f"{w}.log", body.get("log", False), bool)
+        step = body.get("step")
+        if low >= high:
+            raise SweepError(source, w, f"range [{low}, {high}] is {'empty' if low == high else 'inverted'}",
+                             "give low below high (a single value belongs in `defaults:`)")
+        if log_scale and low <= 0:
+            raise SweepError(source, f"{w}.low", f"a log range cannot start at {low} (log of 0 or less)",
+                             "start it above 0, e.g. `low: 1.0e-6`, or drop `log: true`")
+        if step is not None:
+            step = _check_type(source, f"{w}.step", step, number)
+            if log_scale or step <= 0 or abs(round((high - low) / step) * step - (high - low)) > 1e-9 * max(1, high):
+                raise SweepError(source, f"{w}.step", f"{step} does not divide [{low}, {high}] into equal steps"
+                                 + (" (or is used with log)" if log_scale else ""),
+                                 "use a positive step that divides high - low, without log")
+        params.append(Param(key, kind, low, high, log_scale, step))
+    by_key = {p.key: p for p in params}
+    for p in params:
+        if p.kind == "tie" and by_key.get(p.times, Param("", "")).kind == "tie":
+            raise SweepError(source, f"{where}.{p.key}.times", f"{p.times} is itself a tie",
+                             "tie to a searched or fixed key")
+    if all(p.kind == "tie" for p in params):
+        raise SweepError(source, where, "has only ties: nothing to search", "give at least one range or choices")
+    return tuple(params)
+
+
+def tie_value(param: Param, base: Any) -> Any:
+    """alpha = factor * r; an integer key takes the nearest integer (at least 1)."""
+    value = param.factor * base
+    return max(1, round(value)) if param.key in _INT_KEYS else value
+
+
+def _check_space_values(raw: dict, space: tuple[Param, ...], source: str, where: str, stage: str) -> None:
+    """Every value the space can produce must pass the same checks as a hand-written trial (_check_hyper): each
+    choice, and each end of a range, with the other keys at their defaults. The checks are bounds, so the ends
+    stand for the range; a tie is checked at the ends of the key it multiplies."""
+    defaults = dict(raw.get("defaults") or {})
+    by_key = {p.key: p for p in space}
+
+    def candidates(p: Param) -> list:
+        if p.kind == "choice":
+            return list(p.choices)
+        if p.kind in ("int", "float"):
+            return [p.low, p.high]
+        return []
+
+    def resolved(values: dict) -> dict:
+        out = dict(values)
+        for p in space:
+            if p.kind == "tie":
+                base = out.get(p.times, getattr(Hyper(), p.times))
+                out[p.key] = tie_value(p, base)
+        return out
+
+    first = {p.key: candidates(p)[0] for p in space if p.kind != "tie"}
+    for p in space:
+        for value in candidates(p):
+            values = resolved({**defaults, **first, p.key: value})
+            _check_hyper(_build(Hyper, values, source, where), source, where, stage)
+    for p in space:
+        if p.kind == "tie" and p.times not in by_key:
+            _check_hyper(_build(Hyper, resolved({**defaults, **first}), source, where), source, where, stage)
