@@ -4,6 +4,12 @@
     submit(sweep, trials, "s3://bucket/runs", settings, dry_run=False)   -> names of the Jobs created
     status("sft", settings)                                -> one row per Job
     follow_logs("sft", "sft-0123456789", settings)         -> streams train then eval logs
+    cancel("sft", settings)                                -> deletes the sweep's Jobs and ConfigMaps
+
+Retries: a trial's state comes from the store (finesweep.store.read_status). A resubmit retries a trial
+whose current attempt failed, below the attempt limit: the failed attempt's Job and ConfigMap are deleted and
+attempt n gets a Job of its own name (`<sweep>-<trial id>-a<n>`, finesweep.io/attempt label), so no attempt's
+Job is ever created twice. Preemptions are retried inside the Job (podFailurePolicy) and are no attempt.
 
 Manifests come from submitter/k8s_manifests.py (pure). Everything here that needs `kubernetes` imports it
 inside the function, so the dry-run path never loads a kubeconfig or opens a connection.

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from finesweep.spec import load_sweeps
-from finesweep.store import LocalStore, trial_state
+from finesweep.store import LocalStore, read_status, trial_state
 
 from .conftest import ROOT
 
@@ -125,3 +125,14 @@ def test_a_broken_trial_fails_with_a_reason_and_the_rest_go_on(smoke_run, tmp_pa
     assert "failed" in status.stdout and "checksum" in status.stdout
     report = (store_dir / "smoke-sft" / "report" / "report.md").read_text()
     assert f"{victim.name}: failed in eval (exit 3)" in report and "1 failed" in report
+
+    # The cause fixed (the adapter restored), a resubmit re-runs exactly that trial, as its second attempt.
+    shutil.copyfile(smoke_run[0] / prefix / "adapter" / "adapter_model.safetensors", weights)
+    again = submitter("submit", "smoke", "--store", str(store_dir))
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert again.stdout.count("already done; skipping") == 6
+    assert f"{victim.name} ({victim.trial_id}) evaluating (attempt 2)" in again.stdout
+    status_ = read_status(store, "smoke-sft", victim.trial_id)
+    assert (status_.state.value, status_.attempt, [a.outcome for a in status_.attempts]) == ("done", 2,
+                                                                                           ["failed", "done"])
+    assert "checksum" in status_.attempts[0].failure["reason"] and not store.exists(f"{prefix}/_FAILED")
