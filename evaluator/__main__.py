@@ -18,11 +18,15 @@ log = logging.getLogger("finesweep")
 
 def evaluate(spec, store, force: bool) -> int:
     from finesweep import exitcodes
-    from finesweep.store import read_status
+    from finesweep.store import TrialState, read_status
 
     from .evaluate import evaluate_trial
 
     status = read_status(store, spec.sweep, spec.trial_id)
+    if status.state is TrialState.PRUNED and not force:
+        # A search stopped it early: it is not a candidate for best, and a _DONE marker would make it one.
+        log.info("[%s/%s %s] was pruned by the search; not evaluated", spec.sweep, spec.name, spec.trial_id)
+        return exitcodes.OK
     if status.done and not force:
         log.info("[%s/%s %s] already evaluated in %s; skipping", spec.sweep, spec.name, spec.trial_id, store.url)
         return exitcodes.OK
