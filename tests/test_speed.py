@@ -11,6 +11,8 @@
    (and Liger for SFT only when liger_kernel is importable); every returned key is a real config field.
 4. The length-grouped order is a function of (seed, epoch) only, and the Trainer trains on exactly it: what a
    run resumed from a checkpoint needs to see the same batches.
+5. Under several processes that order, dealt out by accelerate, gives every optimizer step the rows one process
+   takes at the same global batch (tests/test_multiprocess.py trains both and compares the curves).
 """
 
 from __future__ import annotations
@@ -324,3 +326,42 @@ def test_trainer_trains_on_the_seeded_length_grouped_order(tiny_model, tmp_path)
         expected += [int(trainer.data_collator([trainer.train_dataset[j] for j in order[i:i + 4]])["input_ids"].sum())
                      for i in range(0, len(order), 4)]
     assert seen == expected and expected[:5] != expected[5:]
+
+
+@pytest.mark.parametrize("processes,grad_accum", [(2, 1), (4, 1), (2, 3)])
+def test_length_grouped_order_shards_into_the_one_process_global_batches(processes, grad_accum):
+    """Several processes: accelerate deals the per-process batches of finesweep's sampler out in turn
+    (BatchSamplerShard), so the rows of every optimizer step must be the rows one process takes at the same global
+    batch. 2000 rows of random lengths are enough for transformers' megabatches (50 batches) to depend on the
+    batch size the sampler is built with, so a sampler grouped by the per-process batch would fail here."""
+    import types
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    global_batch = 8
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(5, 400, (2000,), generator=gen)]
+
+    def sampler_for(world: int):
+        args = types.SimpleNamespace(train_batch_size=global_batch // world, world_size=world,
+                                     gradient_accumulation_steps=grad_accum, data_seed=None, seed=42)
+        trainer = types.SimpleNamespace(args=args, train_dataset=lengths, add_callback=lambda callback: None)
+        speed.install_length_grouped_sampler(trainer, lengths)
+        return trainer._get_train_sampler()
+
+    for epoch in (0, 1):
+        one = sampler_for(1)
+        one.set_epoch(epoch)
+        reference = [sorted(b) for b in BatchSampler(one, global_batch * grad_accum, drop_last=False)]
+        shards = []
+        for rank in range(processes):
+            sampler = sampler_for(processes)
+            sampler.set_epoch(epoch)
+            per_rank = BatchSampler(sampler, global_batch // processes, drop_last=False)
+            shards.append(list(BatchSamplerShard(per_rank, num_processes=processes, process_index=rank)))
+        # one optimizer step = grad_accum consecutive batches of every rank
+        steps = [sorted(i for rank in shards for b in rank[k:k + grad_accum] for i in b)
+                 for k in range(0, len(shards[0]), grad_accum)]
+        assert steps == reference, f"epoch {epoch}: the 2-process steps train other rows than 1 process"
+        assert sorted(i for s in steps for i in s) == list(range(len(lengths)))

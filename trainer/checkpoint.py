@@ -18,6 +18,8 @@ from pathlib import Path
 
 from finesweep.store import ArtifactStore, StoreError
 
+from .runtime import any_rank, barrier, processes
+
 log = logging.getLogger("finesweep")
 MARKER = "_CHECKPOINT"
 
@@ -47,10 +49,12 @@ def checkpoint_callback(store: ArtifactStore, prefix: str, label: str):
     from transformers import TrainerCallback
 
     class StoreCheckpoints(TrainerCallback):
-        """Turns SIGTERM and the checkpoint interval into Trainer saves, and uploads every save."""
+        """Turns SIGTERM and the checkpoint interval into Trainer saves, and uploads every save (from the main
+        process). Registered on every rank: each must take part in the stop vote and the save."""
 
         def __init__(self):
             self.preempted = False
+            self.main = processes().main
             self.interval = float(os.environ.get("FINESWEEP_CHECKPOINT_MINUTES", "30")) * 60
             self.last = time.time()
             self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -60,17 +64,25 @@ def checkpoint_callback(store: ArtifactStore, prefix: str, label: str):
             self.preempted = True
 
         def on_step_end(self, args, state, control, **kwargs):
+            # Several processes: every rank votes after every optimizer step, so all stop (and save) at the same
+            # step even when SIGTERM reached them a step apart; a rank that stopped alone would leave the others
+            # waiting in the next step's all-reduce. The main process's clock decides the interval checkpoint.
+            self.preempted, due = any_rank(self.preempted, self.main and time.time() - self.last > self.interval)
             if self.preempted:
                 control.should_save = True
                 control.should_training_stop = True
-            elif time.time() - self.last > self.interval:
+            elif due:
                 control.should_save = True
             return control
 
         def on_save(self, args, state, control, **kwargs):
             name = f"checkpoint-{state.global_step}"
             local = Path(args.output_dir) / name
-            if not local.is_dir():
+            # Every rank has written its part into the shared scratch folder (its RNG state, DeepSpeed's optimizer
+            # shards) before the main process uploads the whole folder as one checkpoint.
+            barrier()
+            self.last = time.time()
+            if not self.main or not local.is_dir():
                 return
             old = f"{prefix}/checkpoint/"
             stale = [k for k in store.list(old) if not k.startswith(f"{old}{name}/")]
@@ -81,7 +93,6 @@ def checkpoint_callback(store: ArtifactStore, prefix: str, label: str):
                 if not key.endswith(MARKER):
                     store.delete(key)
             shutil.rmtree(local, ignore_errors=True)
-            self.last = time.time()
             log.info("%s: checkpoint %s saved to %s", label, name, store.url)
 
         def restore_signal(self):

@@ -13,7 +13,6 @@ import logging
 from .data import load_splits, render_dpo
 from .modeling import build_model, load_tokenizer
 from .recipe import Recipe, dpo_row_counts, lora_config, training_kwargs
-from .runtime import progress_callback
 from .speed import order_rows, prepare_trainer, speed_kwargs
 
 log = logging.getLogger("finesweep")
@@ -32,7 +31,7 @@ class DPORecipe(Recipe):
         self.rows = {"train": len(train), "test": len(test) if test is not None else 0,
                      "dropped_in_loading": data_report.get("dropped", {})}
         pairs = order_rows(render_dpo(train, tokenizer, spec.prompt_format), self.stage)
-        model, loaded = build_model(spec, self.store, self.hw, self.workdir, with_own_adapter=False)
+        model, loaded = build_model(spec, self.store, self.hw, self.inputs, with_own_adapter=False)
         args = DPOConfig(
             **training_kwargs(spec, self.hw, self.workdir / "out", len(pairs)),
             beta=spec.hyper.beta,
@@ -45,7 +44,7 @@ class DPORecipe(Recipe):
             **speed_kwargs(spec, self.hw, "dpo"),
         )
         self.trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                                  peft_config=lora_config(spec.hyper), callbacks=[progress_callback(self.label)])
+                                  peft_config=lora_config(spec.hyper))
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
         self.rows.update(dpo_row_counts(len(pairs), self.trainer.train_dataset, spec.max_length))
         trainable, total = self.trainer.model.get_nb_trainable_parameters()

@@ -15,9 +15,13 @@ log = logging.getLogger("finesweep")
 
 
 def setup_logging() -> None:
-    # One plain line per event: reads well in `kubectl logs` and in a terminal.
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # One plain line per event: reads well in `kubectl logs` and in a terminal. Under several processes only the
+    # main one logs progress (INFO); the others log warnings and errors, tagged with their rank, so a failure on
+    # any rank is in the log while each progress line appears once.
+    procs = processes()
+    tag = f"rank {procs.rank}/{procs.world_size} " if not procs.main else ""
+    logging.basicConfig(level=logging.INFO if procs.main else logging.WARNING, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s %(levelname)s {tag}%(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "botocore", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +32,142 @@ def setup_logging() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+class LaunchError(RuntimeError):
+    """The trial cannot run as launched (e.g. its batch does not split over the process count): a configuration
+    error, never retried."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the trial's processes, as the launcher (torchrun / accelerate launch) set it in
+    the environment before any process group exists. One process: rank 0 of 1."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def processes() -> Processes:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return Processes(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+                     int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def init_distributed(hw: "Hardware") -> None:
+    """Start the process group before anything else needs it: the recipe agrees on one scratch folder, one
+    checkpoint and one stop step through it before the Trainer exists. The Trainer's accelerate state (and
+    DeepSpeed's comm layer) find it initialised and use it. A CPU-side gloo group rides along on GPUs so the small
+    control messages (flags, paths) need no device tensors."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    procs = processes()
+    if procs.world_size == 1 or dist.is_initialized():
+        return
+    kwargs: dict = {"timeout": datetime.timedelta(minutes=30)}  # TrainingArguments' ddp_timeout default
+    if hw.device == "cuda":
+        torch.cuda.set_device(procs.local_rank)
+        kwargs.update(backend="cuda:nccl,cpu:gloo", device_id=torch.device("cuda", procs.local_rank))
+    else:
+        kwargs.update(backend="gloo")
+    dist.init_process_group(**kwargs)
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (a no-op in a single process)."""
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier(group=_cpu_group())
+
+
+def broadcast_from_main(value):
+    """The main process's `value` on every rank (picklable; e.g. a scratch path, a checkpoint found or not)."""
+    if not distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag: true on every rank when it is true on at least one (e.g. one rank got SIGTERM). One
+    all-reduce for all the flags."""
+    if not distributed():
+        return tuple(bool(f) for f in flags)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return tuple(bool(v) for v in t.tolist())
+
+
+def gather_to_all(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not distributed():
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=_cpu_group())
+    return out
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for control messages: the default group when it is gloo already (CPU), else a new one."""
+    global _CPU_GROUP
+    import torch.distributed as dist
+
+    if _CPU_GROUP is None:
+        backend = str(dist.get_backend())
+        _CPU_GROUP = dist.group.WORLD if backend == "gloo" or "cpu:gloo" in backend else dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota (a Kubernetes CPU limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def share_cpu_threads(hw: "Hardware") -> int:
+    """Give each of this node's training processes its share of the CPUs for torch's intra-op threads (the
+    launchers set OMP_NUM_THREADS=1, which would leave all but one core idle; N processes each using every core
+    would oversubscribe them). Returns the thread count in use."""
+    import torch
+
+    procs = processes()
+    if hw.device == "cpu" and procs.local_world_size > 1:
+        torch.set_num_threads(max(1, available_cpus() // procs.local_world_size))
+    return torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -102,6 +242,8 @@ def progress_callback(label: str):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
+        main_process_only = True  # Recipe.train registers it on the main process only: each line once
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.time()
             self.tokens0 = state.num_input_tokens_seen or 0

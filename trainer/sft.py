@@ -10,7 +10,6 @@ import logging
 from .data import load_splits, render_sft
 from .modeling import build_model, load_tokenizer
 from .recipe import Recipe, lora_config, sft_row_counts, training_kwargs
-from .runtime import progress_callback
 from .speed import prepare_trainer, speed_kwargs
 
 log = logging.getLogger("finesweep")
@@ -29,7 +28,7 @@ class SFTRecipe(Recipe):
         self.rows = {"train": len(train), "test": len(test) if test is not None else 0,
                      "dropped_in_loading": data_report.get("dropped", {})}
         train_text = render_sft(train, tokenizer, spec.prompt_format)
-        model, _ = build_model(spec, self.store, self.hw, self.workdir, with_own_adapter=False)
+        model, _ = build_model(spec, self.store, self.hw, self.inputs, with_own_adapter=False)
         args = SFTConfig(
             **training_kwargs(spec, self.hw, self.workdir / "out", len(train_text)),
             # Prompt/completion rows: TRL masks the prompt, so the loss is on the response only.
@@ -38,7 +37,7 @@ class SFTRecipe(Recipe):
             **speed_kwargs(spec, self.hw, "sft"),
         )
         self.trainer = SFTTrainer(model=model, args=args, train_dataset=train_text, processing_class=tokenizer,
-                                  peft_config=lora_config(spec.hyper), callbacks=[progress_callback(self.label)])
+                                  peft_config=lora_config(spec.hyper))
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
         self.rows.update(sft_row_counts(len(train_text), self.trainer.train_dataset, tokenizer.eos_token_id,
                                         spec.max_length))

@@ -126,12 +126,38 @@ def install_length_grouped_sampler(trainer, lengths: list[int]) -> None:
     seed = args.data_seed if args.data_seed is not None else args.seed
 
     def length_grouped_sampler(train_dataset=None):
-        return seeded_length_grouped_sampler(args.train_batch_size * args.gradient_accumulation_steps, lengths,
-                                             seed)
+        # The sampler orders the rows for all processes at once: accelerate wraps the dataloader built on it in a
+        # BatchSamplerShard that deals its per-process batches out in turn (rank r takes batches r, r + N, ...),
+        # so N consecutive per-process batches are one global batch. Grouping by the global batch (per-process
+        # batch x processes x accumulation) makes the sequence, and so every optimizer step's rows, the same at
+        # any process count (tests/test_multiprocess.py), and the seed makes it the same on every rank.
+        samplers.append(seeded_length_grouped_sampler(
+            args.train_batch_size * args.world_size * args.gradient_accumulation_steps, lengths, seed))
+        return samplers[-1]
 
+    samplers: list = []
     # Trainer._get_dataloader calls self._get_train_sampler(dataset) when it builds the training dataloader.
     trainer._get_train_sampler = length_grouped_sampler
+    trainer.add_callback(sampler_epoch_callback(samplers))
     trainer.finesweep_sampler = "length_grouped"
+
+
+def sampler_epoch_callback(samplers: list):
+    """Sets the epoch on the sampler at each epoch's start. The Trainer's own set_epoch does not reach it in one
+    case: a run resumed mid-epoch under several processes, where accelerate's skip_first_batches wraps the
+    BatchSamplerShard in a SkipBatchSampler and DataLoaderShard.set_epoch looks only two levels down, so the
+    resumed epoch would be drawn with epoch 0's order (tests/test_multiprocess.py caught it). The epoch comes from
+    the Trainer state: a whole number at an epoch's start, the checkpoint's fraction when resumed mid-epoch."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class SamplerEpoch(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            for sampler in samplers:
+                sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+    return SamplerEpoch()
 
 
 def describe(spec: TrialSpec, hw: Hardware, stage: str) -> dict:
