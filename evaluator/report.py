@@ -148,7 +148,7 @@ def leaderboard_md(rows: list[dict], figures: dict[str, dict], record: dict | No
               f"{h.batch_size}x{h.grad_accum}", f"{h.epochs:g}", f"{h.beta:g}" if r["stage"] == "dpo" else ""] \
             if h else ["", "", "", "", "", "", ""]
         mark = MARKS.get(verdicts.get(r["name"]), "ineligible" if r["name"] in ineligible and r["stage"] != "base"
-                         and r["state"] == "done" else "")
+                         and r["state"] == "done" else "pruned (ineligible)" if r["state"] == "pruned" else "")
         cells = [mark, r["name"], f"`{r['trial_id']}`", *hp]
         row_figs = figures.get(r["name"], {})
         for _, metric, fmt in shown:
@@ -349,7 +349,7 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     widths = interval_widths(rows, figures)
     warnings = find_warnings(rows, primary)
     trials = [r for r in rows if r["stage"] != "base"]
-    counts = {s: sum(r["state"] == s for r in trials) for s in ("done", "trained", "pending", "failed")}
+    counts = {s: sum(r["state"] == s for r in trials) for s in ("done", "trained", "pending", "failed", "pruned")}
     first = next((r for r in rows if "eval" in r), None)
     prefix = f"{sweep.name}/report"
     md = [f"# Sweep `{sweep.name}` ({sweep.stage})", ""]
@@ -358,8 +358,8 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     if sweep.start_from:
         md.append(f"Started from `{sweep.start_from}`" + (f" = `{specs[-1].start.trial_id}`." if specs and
                                                            specs[-1].start else "."))
-    md.append(f"Trials: {counts['done']} done, {counts['failed']} failed, {counts['trained'] + counts['pending']} "
-              f"not finished, of {len(trials)}.")
+    md.append(f"Trials: {counts['done']} done, {counts['failed']} failed, " + (f"{counts['pruned']} pruned, " if
+              counts["pruned"] else "") + f"{counts['trained'] + counts['pending']} not finished, of {len(trials)}.")
     if record["trial_id"]:
         md.append(f"Best by `{record['metric']}` ({record['mode']}): **{record['name']}** (`{record['trial_id']}`) = "
                   f"{_fmt(record['value'], record['ci'])} on the {record['value_part']}; tied set: "
@@ -408,6 +408,9 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
         if data:
             store.write_bytes(f"{prefix}/{name}", data)
             md.append(f"![{name}]({name})")
+    from .search_report import search_md  # held-out curves; a search sweep's study (evaluator/search_report.py)
+
+    md += search_md(store, sweep, specs, rows)
     md += ["", "## Answers side by side", "", side_by_side(rows, primary)]
     store.write_bytes(f"{prefix}/report.md", "\n".join(md).encode())
     verdicts = {t["name"]: t["verdict"] for t in record["trials"]}

@@ -168,6 +168,8 @@ def value_of(row: dict, metric: str, ids: set | None = None) -> float | None:
 
 
 def _ineligible_reason(row: dict, select: SelectSpec, refs: dict[str, dict]) -> str | None:
+    if row.get("state") == "pruned":  # finesweep.search stopped it part way: not comparable with finished trials
+        return "pruned by the search (stopped early, before the end of its training)"
     if row.get("state") != "done" or "eval" not in row:
         return f"not finished ({row.get('state', 'unknown')})"
     if value_of(row, select.metric) is None:

@@ -967,7 +967,7 @@ def _parse_space(raw: Any, source: str, where: str, method: str) -> tuple[Param,
                 raise SweepError(source, f"{w}.choices", "lists a value twice", "list each value once")
             params.append(Param(key, "choice", choices=values))
             continue
-        if method == "grid":
+        if method == "grid" and forms[0] == ("low", "high"):
             raise SweepError(source, w, "is a range, which a grid cannot enumerate", "list the values as `choices:`")
         if forms[0] == ("times",):
             _check_keys(source, w, body, {"times", "factor"})

@@ -124,31 +124,58 @@ def resolve_start(sweep: Sweep, store: ArtifactStore, where: str = "") -> StartR
                              f"sweep {name!r} has no finished best trial in store {store.url}",
                              f"run `make submit SWEEP={name}` with the same STORE first, or name a trained "
                              "trial as `<sweep>:<trial id>`") from None
-        return StartRef(name, best["trial_id"])
+        return _checked_start(sweep, store, StartRef(name, best["trial_id"]), where)
     if not read_status(store, name, which).trained:
         raise SweepError(sweep.source, f"{where}from", f"trial {name}/{which} has no trained adapter in {store.url}",
                          f"check `make status SWEEP={name}` for trained trial ids")
-    return StartRef(name, which)
+    return _checked_start(sweep, store, StartRef(name, which), where)
+
+
+def _checked_start(sweep: Sweep, store: ArtifactStore, start: StartRef, where: str) -> StartRef:
+    """The start point, after checking the DPO sweep matches what it was trained with (spec.check_start_compatible)."""
+    from finesweep.spec import check_start_compatible, trial_from_dict
+
+    try:
+        parent = trial_from_dict(store.read_json(f"{trial_prefix(start.sweep, start.trial_id)}/spec.json"))
+    except StoreError:
+        raise SweepError(sweep.source, f"{where}from", f"trial {start.sweep}/{start.trial_id} has no spec.json in "
+                         f"{store.url}", f"re-run `make submit SWEEP={start.sweep}` with the same STORE") from None
+    check_start_compatible(sweep, parent, where)
+    return start
 
 
 def select_best(sweep: Sweep, store: ArtifactStore, specs: list[TrialSpec]) -> dict | None:
-    """Pick the best finished trial by the sweep's selection metric and record it as <sweep>/best.json."""
-    metric, best = sweep.select.metric, None
-    for spec in specs:
-        if not spec.trains or trial_state(store, spec.sweep, spec.trial_id) != "done":
-            continue
-        summary = store.read_json(f"{trial_prefix(spec.sweep, spec.trial_id)}/eval.json")["summary"]
-        value = summary.get(metric)
-        if value is None:
-            continue
-        if best is None or sweep.select.better(value, best["value"]):
-            best = {"trial_id": spec.trial_id, "name": spec.name, "metric": metric, "mode": sweep.select.mode,
-                    "value": value}
-    if best is not None:
-        store.write_json(f"{sweep.name}/{BEST}", best)
-        log.info("sweep %s: best trial %s (%s) with %s = %s", sweep.name, best["name"], best["trial_id"], metric,
-                 best["value"])
+    """Choose the best finished trial and record it as <sweep>/best.json (rules in finesweep.selection:
+    guardrails, validation rows to choose, a paired test against the top trial with Holm, the stated
+    tie-break, the winner's figure on the test rows). None when no trial is eligible; best.json is then left
+    as it was, and the reasons are logged."""
+    from finesweep import selection
+
+    start = next((s.start for s in specs if s.start is not None), None)
+    rows = [_selection_row(store, spec) for spec in [*sweep.reference_specs(start), *specs]]
+    best = selection.choose(rows, sweep.select, n_boot=sweep.eval.bootstrap_samples)
+    for item in best["ineligible"]:
+        log.info("sweep %s: %s is not eligible for best: %s", sweep.name, item["name"], item["reason"])
+    if best["trial_id"] is None:
+        log.warning("sweep %s: no eligible trial by %s; best.json not written", sweep.name, sweep.select.metric)
+        return None
+    store.write_json(f"{sweep.name}/{BEST}", best)
+    log.info("sweep %s: best trial %s (%s) with %s = %s on the %s; tied set: %s%s", sweep.name, best["name"],
+             best["trial_id"], best["metric"], best["value"], best["value_part"], ", ".join(best["tied"]),
+             f" (tie broken by {best['tie_break']['decided_by']})" if best["tie_break"]["decided_by"] else "")
     return best
+
+
+def _selection_row(store: ArtifactStore, spec: TrialSpec) -> dict:
+    """What selection reads of one trial: its state, eval.json, and train.json for the cost tie-break."""
+    prefix = trial_prefix(spec.sweep, spec.trial_id)
+    row = {"name": spec.name, "trial_id": spec.trial_id, "stage": spec.stage,
+           "state": trial_state(store, spec.sweep, spec.trial_id)}
+    if row["state"] == "done":
+        row["eval"] = store.read_json(f"{prefix}/eval.json")
+        if spec.trains and store.exists(f"{prefix}/train.json"):
+            row["train"] = store.read_json(f"{prefix}/train.json")
+    return row
 
 
 def write_spec(spec: TrialSpec, path: Path) -> Path:
