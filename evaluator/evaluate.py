@@ -170,7 +170,9 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
         result["summary"] = summarize(result, ev.set)
         result["wall_time_s"] = round(time.time() - started, 2)
         result["peak_memory_gb"] = round(peak_memory_gb(hw), 3)
-        _write(store, spec, result, samples)
+        from trainer import tracking  # final figures to TensorBoard and the trial's MLflow run
+
+        _write(store, spec, result, samples, tracking.record_evaluation(spec, store, result))
         log.info("%s: done: %s", label, json.dumps(result["summary"]))
         return result
     finally:
@@ -242,9 +244,10 @@ def _round(value):
     return round(value, 4) if value is not None else None
 
 
-def _write(store: ArtifactStore, spec: TrialSpec, result: dict, samples: list[dict]) -> None:
+def _write(store: ArtifactStore, spec: TrialSpec, result: dict, samples: list[dict],
+           extra: dict[str, str] | None = None) -> None:
     prefix = trial_prefix(spec.sweep, spec.trial_id)
-    files = {}
+    files = dict(extra or {})  # files already written (the evaluation's TensorBoard events), listed in _DONE
     for name, data in (("spec.json", json.dumps(to_dict(spec), indent=2).encode()),
                        ("eval.json", json.dumps(result, indent=2, default=str).encode()),
                        ("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())):

@@ -411,7 +411,9 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     from .search_report import search_md  # held-out curves; a search sweep's study (evaluator/search_report.py)
 
     md += search_md(store, sweep, specs, rows)
-    md += ["", "## Answers side by side", "", side_by_side(rows, primary)]
+    from trainer.tracking import describe_store, log_report  # no torch at import
+
+    md += ["", describe_store(store, sweep.name) + ".", "", "## Answers side by side", "", side_by_side(rows, primary)]
     store.write_bytes(f"{prefix}/report.md", "\n".join(md).encode())
     verdicts = {t["name"]: t["verdict"] for t in record["trials"]}
     verdicts.update({t["name"]: "ineligible: " + t["reason"] for t in record["ineligible"]})
@@ -420,5 +422,6 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     store.write_json(f"{prefix}/leaderboard.json", {"sweep": sweep.name, "best": best, "selection": record,
                                                     "interval_widths": widths, "rows": board,
                                                     "warnings": warnings})
+    log_report(store, sweep, specs, prefix)  # to each trial's MLflow run, when tracking is configured
     log.info("report: %s/%s/report.md (%d rows, %d warnings)", store.url, prefix, len(rows), len(warnings))
     return f"{prefix}/report.md"

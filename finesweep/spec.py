@@ -248,6 +248,45 @@ def _check_select_betas(select: SelectSpec, trials: list, source: str, at) -> No
 
 
 @dataclass(frozen=True)
+class TrackingSpec:
+    """Where a sweep's trials also show up (`tracking:`). It changes where figures are shown, not what is trained,
+    so it is on the Sweep only, never in a TrialSpec (trial ids ignore it): the backends hand it to the trainer and
+    evaluator as MLflow's own environment variables (env()), which a cluster may also set for every trial."""
+
+    mlflow_uri: str | None = None
+    experiment: str | None = None  # default: the sweep's name (one experiment per sweep)
+
+    def env(self, sweep: str) -> dict[str, str]:
+        if not self.mlflow_uri:
+            return {}
+        return {"MLFLOW_TRACKING_URI": self.mlflow_uri, "MLFLOW_EXPERIMENT_NAME": self.experiment or sweep}
+
+
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "databricks")
+
+
+def _check_tracking(tracking: TrackingSpec, source: str, at) -> TrackingSpec:
+    uri = tracking.mlflow_uri
+    if uri is None:
+        if tracking.experiment is not None:
+            raise SweepError(source, at("tracking.experiment"), "is set without tracking.mlflow_uri",
+                             "add `mlflow_uri: http://<mlflow server>:5000` or remove `experiment:`")
+        return tracking
+    scheme = uri.split("://", 1)[0].split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme not in MLFLOW_SCHEMES or len(uri) > MAX_TEXT:
+        raise SweepError(source, at("tracking.mlflow_uri"), f"{_clip(uri)!r} is not an MLflow tracking URI",
+                         f"use e.g. http://mlflow.example:5000 (schemes: {', '.join(MLFLOW_SCHEMES)})")
+    if "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+        # Sweep files are committed and shown in reports: credentials never go in them.
+        raise SweepError(source, at("tracking.mlflow_uri"), "contains credentials (user:password@)",
+                         "remove them; set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD in the "
+                         "environment (a Secret on Kubernetes)")
+    if tracking.experiment is not None and not tracking.experiment.strip():
+        raise SweepError(source, at("tracking.experiment"), "is empty", "name the experiment or leave it out")
+    return tracking
+
+
+@dataclass(frozen=True)
 class StartRef:
     """The trained model a DPO trial (or a reference row) starts from."""
 
@@ -301,6 +340,7 @@ class Sweep:
     source: str = ""
     search: "SearchSpec | None" = None  # trials beyond `trials:`/`grid:` chosen by finesweep.search
     prune: "PruneSpec | None" = None
+    tracking: TrackingSpec | None = None  # not in any TrialSpec: trial ids ignore where figures are shown
 
     @property
     def start_sweep(self) -> str | None:
@@ -484,7 +524,7 @@ def load_sweeps(path: str | Path) -> list[Sweep]:
 
 
 SWEEP_KEYS = {"name", "stage", "model", "dataset", "prompt_format", "max_length", "eval", "select",
-              "from", "defaults", "trials", "grid", "max_parallel", "search", "prune"}
+              "from", "defaults", "trials", "grid", "max_parallel", "search", "prune", "tracking"}
 
 
 def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> Sweep:
@@ -566,8 +606,11 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
     trials = _expand_trials(raw, source, where, stage)
     _check_select_betas(select, trials, source, at)
     search, prune = parse_search(raw, source, where, stage, select, dataset, eval_spec, len(trials))
+    tracking = raw.get("tracking")
+    if tracking is not None:
+        tracking = _check_tracking(_build(TrackingSpec, tracking, source, at("tracking")), source, at)
     return Sweep(name, stage, model, dataset, prompt_format, max_length, eval_spec, select, tuple(trials),
-                 start_from, max_parallel, source, search, prune)
+                 start_from, max_parallel, source, search, prune, tracking)
 
 
 def _expand_trials(raw: dict, source: str, where: str, stage: str) -> list[tuple[str, Hyper]]:

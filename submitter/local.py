@@ -25,9 +25,11 @@ log = logging.getLogger("finesweep")
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str) -> int:
+def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str,
+              extra_env: dict[str, str] | None = None) -> int:
     """Run the trainer or evaluator for one trial as a child process; its log goes to the store, and a failure
-    (not a preemption, exit 143) is recorded for the trial's current attempt."""
+    (not a preemption, exit 143) is recorded for the trial's current attempt. `extra_env`: the sweep's tracking
+    settings (TrackingSpec.env), over this process's environment."""
     prefix = trial_prefix(spec.sweep, spec.trial_id)
     phase = "train" if module == "trainer" else "eval"
     with tempfile.TemporaryDirectory(prefix="finesweep-") as tmp:
@@ -35,7 +37,8 @@ def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str
         # An argument list, never a shell string: sweep values cannot reach a shell.
         cmd = [sys.executable, "-m", module, "--spec", str(spec_file), "--store", store_url]
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+               "PYTHONPATH": os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p),
+               **(extra_env or {})}
         lines = []
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace") as proc:
@@ -84,11 +87,12 @@ def run_sweep(plan: SweepPlan, store: ArtifactStore, store_url: str,
         log.info("sweep %s: %s %s (attempt %d)", sweep.name, tag, "training" if train else "evaluating",
                  status.attempt)
         code = 0
+        tracking = sweep.tracking.env(sweep.name) if sweep.tracking else None
         try:
             if train:
-                code = run_phase("trainer", spec, store, store_url)
+                code = run_phase("trainer", spec, store, store_url, tracking)
             if code == 0:
-                code = run_phase("evaluator", spec, store, store_url)
+                code = run_phase("evaluator", spec, store, store_url, tracking)
         except KeyboardInterrupt:
             end_attempt(store, spec.sweep, spec.trial_id, "stopped")  # not failed: the next submit carries on
             raise

@@ -12,6 +12,7 @@ import logging
 
 from .data import load_splits, render_dpo
 from .modeling import build_model, load_tokenizer
+from . import progress
 from .recipe import Recipe, dpo_row_counts, lora_config, training_kwargs
 from .speed import order_rows, prepare_trainer, speed_kwargs
 
@@ -30,7 +31,7 @@ class DPORecipe(Recipe):
         train, test = load_splits(spec.dataset, spec.hyper, data_report)
         self.rows = {"train": len(train), "test": len(test) if test is not None else 0,
                      "dropped_in_loading": data_report.get("dropped", {})}
-        pairs = order_rows(render_dpo(train, tokenizer, spec.prompt_format), self.stage)
+        pairs = self.shared_rows(order_rows(render_dpo(train, tokenizer, spec.prompt_format), self.stage), "pairs")
         model, loaded = build_model(spec, self.store, self.hw, self.inputs, with_own_adapter=False)
         args = DPOConfig(
             **training_kwargs(spec, self.hw, self.workdir / "out", len(pairs)),
@@ -42,8 +43,10 @@ class DPORecipe(Recipe):
             # own dropout is 0 for Llama either way; train.json records the dropout that actually ran.
             disable_dropout=False,
             **speed_kwargs(spec, self.hw, "dpo"),
+            **progress.eval_args(self),
         )
         self.trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                                  **progress.eval_data(self, test, lambda rows: render_dpo(rows, tokenizer, spec.prompt_format)),
                                   peft_config=lora_config(spec.hyper))
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
         self.rows.update(dpo_row_counts(len(pairs), self.trainer.train_dataset, spec.max_length))

@@ -12,6 +12,8 @@ from pathlib import Path
 from finesweep.spec import Hyper, TrialSpec, to_dict
 from finesweep.store import TRAINED, ArtifactStore, checksum, trial_prefix
 
+from . import progress as search_progress
+from . import tracking
 from .checkpoint import Preempted, checkpoint_callback, clear_checkpoints, fetch_checkpoint
 from .modeling import scratch_dir
 from .speed import describe
@@ -143,12 +145,29 @@ class Recipe:
     def setup(self) -> None:
         raise NotImplementedError
 
+    def shared_rows(self, rows, name: str):
+        """Several processes: the rows as one dataset on disk in the shared scratch folder, read by every rank.
+        TRL's DPO reference pass (precompute_ref_log_probs) writes its results on the main process into a cache
+        file next to the dataset's own files and has the other ranks read that file; an in-memory dataset has no
+        such folder (datasets gives each process a random temporary file name), so the other ranks would fail
+        with FileNotFoundError. One process: the rows as they are."""
+        if self.procs.world_size == 1:
+            return rows
+        from datasets import load_from_disk
+
+        folder = self.workdir / name
+        if self.procs.main:
+            rows.save_to_disk(str(folder))
+        barrier()
+        return load_from_disk(str(folder))
+
     def callbacks(self, checkpoints) -> list:
         """Every TrainerCallback the trial trains with, built in this one place. A callback whose class sets
         `main_process_only = True` (progress lines, and anything that writes records or talks to a tracker) is
         registered on the main process only; the others (checkpoints: every rank must agree on when to stop and
         save) run on every rank."""
-        wanted = [checkpoints, progress_callback(self.label)]
+        wanted = [checkpoints, progress_callback(self.label), *search_progress.callbacks(self),
+                  *tracking.callbacks(self)]
         return [cb for cb in wanted if self.procs.main or not getattr(cb, "main_process_only", False)]
 
     def train(self) -> None:
@@ -232,6 +251,7 @@ class Recipe:
         data = json.dumps(record, indent=2, default=str).encode()
         self.store.write_bytes(f"{self.prefix}/train.json", data)
         files[f"{self.prefix}/train.json"] = checksum(data)
+        files.update(tracking.finish_training(self))  # TensorBoard event files (trainer/tracking.py)
         self.store.write_marker(f"{self.prefix}/{TRAINED}", files)
         clear_checkpoints(self.store, self.prefix)
         log.info("%s: saved adapter and train.json to %s/%s (%d steps, %.1fs, %.0f tok/s, peak %.2f GB)",

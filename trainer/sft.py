@@ -9,6 +9,7 @@ import logging
 
 from .data import load_splits, render_sft
 from .modeling import build_model, load_tokenizer
+from . import progress
 from .recipe import Recipe, lora_config, sft_row_counts, training_kwargs
 from .speed import prepare_trainer, speed_kwargs
 
@@ -35,8 +36,10 @@ class SFTRecipe(Recipe):
             completion_only_loss=True,
             dataset_num_proc=None,
             **speed_kwargs(spec, self.hw, "sft"),
+            **progress.eval_args(self),
         )
         self.trainer = SFTTrainer(model=model, args=args, train_dataset=train_text, processing_class=tokenizer,
+                                  **progress.eval_data(self, test, lambda rows: render_sft(rows, tokenizer, spec.prompt_format)),
                                   peft_config=lora_config(spec.hyper))
         prepare_trainer(self.trainer, spec, self.hw, self.stage)
         self.rows.update(sft_row_counts(len(train_text), self.trainer.train_dataset, tokenizer.eos_token_id,
