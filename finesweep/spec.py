@@ -805,6 +805,8 @@ def _check_keys(source: str, where: str, raw: dict, allowed: set[str]) -> None:
             alias = KEY_ALIASES.get(str(key))
             close = [alias] if alias in allowed else difflib.get_close_matches(str(key), sorted(allowed), 1, 0.7)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(allowed))}"
+            if str(key) == "per_device_train_batch_size" and close == ["batch_size"]:
+                hint += " (finesweep's batch_size is the global batch per optimizer step: per-device x processes)"
             shown = str(key) if str(key).strip() and len(str(key)) <= 80 else repr(str(key)[:80])
             raise SweepError(source, f"{where}.{shown}" if where else shown, "unknown key", f"remove it; {hint}")
 
