@@ -18,8 +18,10 @@ stop() {  # stop <component>: SIGTERM, then SIGKILL after 20 s
   rm -f "$pidfile"
 }
 
-# The kubelet first, so it restarts nothing; then every pod's containers through containerd, whose shims
+# Kueue first (scripts/cluster/kueue.sh: its process, certificates, the /etc/kueue link); then the kubelet,
+# so it restarts nothing; then every pod's containers through containerd, whose shims
 # would outlive it otherwise.
+bash "$(dirname "$0")/kueue.sh" down
 stop kubelet
 if running containerd; then
   for task in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$task" >/dev/null 2>&1; done
@@ -70,12 +72,13 @@ rm -rf "$CLUSTER_DIR"
 
 # ------------------------------------------------------------------------------------------ leftovers?
 leftover=0
-for pattern in "$K8S_BIN/" "etcd --name finesweep" "containerd --config $CLUSTER_DIR" "-address $CONTAINERD_SOCK"; do
+for pattern in "$K8S_BIN/" "$KUEUE_BIN/kueue --config" "etcd --name finesweep" "containerd --config $CLUSTER_DIR" "-address $CONTAINERD_SOCK"; do
   if pgrep -f -- "$pattern" >/dev/null; then
     log "leftover processes matching '$pattern':"; pgrep -af -- "$pattern" >&2; leftover=1
   fi
 done
 if grep -q " $CLUSTER_DIR" /proc/self/mounts; then log "leftover mounts:"; grep " $CLUSTER_DIR" /proc/self/mounts >&2; leftover=1; fi
+if [[ -L /etc/kueue/metrics/certs ]]; then log "leftover /etc/kueue/metrics/certs (kueue.sh)"; leftover=1; fi
 if ip link show "$CNI_BRIDGE" >/dev/null 2>&1; then log "leftover bridge $CNI_BRIDGE"; leftover=1; fi
 if [[ -e /var/lib/kubelet/device-plugins/kubelet.sock ]] || find /var/log/containers -maxdepth 1 -lname "$CLUSTER_DIR/*" 2>/dev/null | grep -q .; then
   log "leftover kubelet files in /var/lib/kubelet or /var/log/containers"; leftover=1

@@ -24,14 +24,21 @@ KUBELET_PORT=$((port_base + 250))
 KUBELET_HEALTHZ_PORT=$((port_base + 248))
 CONTROLLER_MANAGER_PORT=$((port_base + 257))
 SCHEDULER_PORT=$((port_base + 259))
+# Kueue's manager (scripts/cluster/kueue.sh), a host process like the others: webhook, metrics, health.
+KUEUE_WEBHOOK_PORT=$((port_base + 943))
+KUEUE_METRICS_PORT=$((port_base + 944))
+KUEUE_HEALTH_PORT=$((port_base + 945))
+KUEUE_VERSION="$(awk '$1 == "sigs.k8s.io/kueue" {print $2}' "$ROOT/k8s/kueue/go.mod")"
+KUEUE_BIN="${FINESWEEP_CACHE:-$HOME/.cache/finesweep}/kueue/$KUEUE_VERSION/bin"
+KUEUE_DIR="$CLUSTER_DIR/kueue"
 
 PKI="$CLUSTER_DIR/pki"
 LOGS="$CLUSTER_DIR/logs"
 PIDS="$CLUSTER_DIR/pids"
 CONTAINERD_SOCK="$CLUSTER_DIR/containerd/containerd.sock"
 KUBECONFIG_ADMIN="$CLUSTER_DIR/admin.kubeconfig"
-# The components in start order; down.sh stops them in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet)
+# The components in start order; down.sh stops them in reverse. kueue is optional (kueue.sh, FINESWEEP_KUEUE=1).
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kueue)
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }

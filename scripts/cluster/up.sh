@@ -16,6 +16,7 @@ source "$(dirname "$0")/lib.sh"
 
 if running kube-apiserver && running kubelet && kubectl_ get --raw /readyz >/dev/null 2>&1; then
   log "already up (Kubernetes $K8S_VERSION); KUBECONFIG=$KUBECONFIG_ADMIN"
+  [[ ${FINESWEEP_KUEUE:-0} != 1 ]] || bash "$(dirname "$0")/kueue.sh" up
   exit 0
 fi
 if [[ -d "$CLUSTER_DIR" ]]; then
@@ -249,3 +250,5 @@ mkdir -p "$(dirname "$CLUSTER_CACHE")/bin"
 ln -sf "$K8S_BIN/kubectl" "$(dirname "$CLUSTER_CACHE")/bin/kubectl"
 log "Kubernetes $K8S_VERSION up in $((SECONDS - started_at))s: node $NODE_NAME Ready"
 log "use it:  export KUBECONFIG=$KUBECONFIG_ADMIN; $(dirname "$CLUSTER_CACHE")/bin/kubectl get nodes"
+# Kueue only on request (make kueue, make e2e, or FINESWEEP_KUEUE=1): its first build takes minutes.
+[[ ${FINESWEEP_KUEUE:-0} != 1 ]] || bash "$(dirname "$0")/kueue.sh" up
