@@ -13,6 +13,9 @@ if [[ -f "$KUBECONFIG_ADMIN" ]]; then
   section "nodes"; kubectl_ get nodes -o wide 2>&1
   kubectl_ describe nodes 2>&1 | sed -n '/^Conditions:/,/^Addresses:/p'
   section "jobs and pods in $ns"; kubectl_ -n "$ns" get jobs,pods -o wide 2>&1
+  if kubectl_ get crd workloads.kueue.x-k8s.io >/dev/null 2>&1; then  # Kueue is up (kueue.sh)
+    section "Kueue: cluster queues, local queues, workloads"; kubectl_ get clusterqueues,localqueues,workloads -A -o wide 2>&1
+  fi
   section "events in $ns (oldest first)"
   kubectl_ -n "$ns" get events --sort-by=.lastTimestamp 2>&1 | tail -n 60
   for pod in $(kubectl_ -n "$ns" get pods -o name 2>/dev/null); do
