@@ -4,7 +4,8 @@
 #   make status|logs|report|cancel SWEEP=...   the sweep's trials, logs, reports; cancel stops its Jobs (k8s)
 # Every target runs the installed console script .venv/bin/finesweep (the same as `finesweep --help`).
 # Knobs: SWEEP (name under jobs/ or a path), STORE (folder or s3://bucket/prefix), BACKEND (local | k8s),
-#        DRY_RUN=1 (k8s: print the manifests, touch nothing), TRIAL (for make logs),
+#        DRY_RUN=1 (k8s: print the manifests, touch nothing), WAIT=1 (k8s: follow the controller to the end),
+#        TRIAL (for make logs),
 #        NAMESPACE / KUBE_CONTEXT (k8s).
 
 SHELL := /bin/bash
@@ -12,6 +13,7 @@ SWEEP ?= smoke
 STORE ?= artifacts
 BACKEND ?= local
 DRY_RUN ?=
+WAIT ?=
 TRIAL ?=
 NAMESPACE ?=
 KUBE_CONTEXT ?=
@@ -34,7 +36,7 @@ build/tiny-llama/finesweep-tiny.json: trainer/tiny_model.py | setup
 tiny-model: setup build/tiny-llama/finesweep-tiny.json
 
 submit: setup tiny-model
-	$(SUBMIT) submit $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS) $(if $(DRY_RUN),--dry-run)
+	$(SUBMIT) submit $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait)
 
 status: setup
 	$(SUBMIT) status $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS)

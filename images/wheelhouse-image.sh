@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Offline image builds get their wheels from an image: this imports the wheels the images install
-# (requirements/train.txt, plus DeepSpeed and its deps when its wheel is in the wheelhouse) as
+# (requirements/train.txt and controller.txt, plus DeepSpeed and its deps when its wheel is in the wheelhouse) as
 # finesweep/wheelhouse:<key>, key = those wheels' names and sizes, and prints the tag (stdout, last line).
 # Only those wheels, so a change to requirements/dev.txt (tests, tooling) neither re-imports ~3 GB nor
 # invalidates the images' pip layer. Idempotent: an existing tag is reused; older wheelhouse tags are removed.
@@ -13,7 +13,8 @@ PY="${PY:-.venv/bin/python}"
 PREFIX="${IMAGE_PREFIX:-finesweep}"
 DEEPSPEED_VERSION="${DEEPSPEED_VERSION:-0.19.8}"
 
-reqs=(-r requirements/train.txt)
+# controller.txt: the controller image's own venv (kubernetes and its deps; the rest are train.txt's pins).
+reqs=(-r requirements/train.txt -r requirements/controller.txt)
 if ls "$WHEELHOUSE"/deepspeed-"$DEEPSPEED_VERSION"-*.whl >/dev/null 2>&1; then
   reqs+=("deepspeed==$DEEPSPEED_VERSION")
 fi

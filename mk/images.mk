@@ -1,14 +1,14 @@
 # Container images and a dev MinIO (included by the main Makefile).
 #   make docker-up        install (apt docker.io) and start the Docker engine if needed
 #   make base-image       finesweep/base:bookworm-py311 from debootstrap (no registry pull)
-#   make images           finesweep/trainer:$(VERSION) and finesweep/evaluator:$(VERSION), built offline
+#   make images           finesweep/{trainer,evaluator,controller}:$(VERSION), built offline
 #   make minio            build the pinned MinIO server into ~/.cache/finesweep/bin (go install, once)
 #   make minio-up         dev MinIO on 127.0.0.1:9000 (data under build/minio), bucket $(MINIO_BUCKET)
 #   make minio-down       stop it
 # Knobs: VERSION, DOCKER, IMAGE_PREFIX, WITH_DEEPSPEED (auto|1|0), BUILD_CACHE_KEEP, MINIO_ROOT_USER, MINIO_ROOT_PASSWORD,
 #        MINIO_ADDRESS, MINIO_BUCKET.
 
-.PHONY: docker-up base-image wheelhouse deepspeed-wheel wheelhouse-image images image-trainer image-evaluator \
+.PHONY: docker-up base-image wheelhouse deepspeed-wheel wheelhouse-image images image-trainer image-evaluator image-controller \
         minio minio-up minio-down minio-env
 
 VERSION ?= $(shell git describe --tags --dirty 2>/dev/null || echo 0.1.0)
@@ -22,6 +22,9 @@ DEEPSPEED_VERSION ?= 0.19.8
 WITH_DEEPSPEED ?= auto
 # Each wheelhouse change leaves a ~6 GB pip layer in the build cache; keep at most this much of it.
 BUILD_CACHE_KEEP ?= 20GB
+# The controller image (make cluster-load imports it next to trainer and evaluator: load-images.sh reads it).
+CONTROLLER_IMAGE ?= $(IMAGE_PREFIX)/controller:$(VERSION)
+export CONTROLLER_IMAGE
 # --network none: the offline build must not need the network, and now cannot use it.
 IMAGE_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build -f images/Dockerfile --progress=plain --network none \
 	--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
@@ -63,13 +66,15 @@ images: base-image deepspeed-wheel
 	wheels=$$($(WHEELHOUSE_IMAGE_CMD)) \
 	&& $(IMAGE_BUILD) --build-arg WHEELHOUSE_IMAGE=$$wheels --target trainer -t $(IMAGE_PREFIX)/trainer:$(VERSION) . \
 	&& $(IMAGE_BUILD) --build-arg WHEELHOUSE_IMAGE=$$wheels --target evaluator -t $(IMAGE_PREFIX)/evaluator:$(VERSION) . \
+	&& $(IMAGE_BUILD) --build-arg WHEELHOUSE_IMAGE=$$wheels --target controller -t $(IMAGE_PREFIX)/controller:$(VERSION) . \
 	&& echo "images: built in $$(( $$(date +%s) - start ))s:" \
 	&& $(DOCKER) images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' $(IMAGE_PREFIX)/trainer:$(VERSION) \
 	&& $(DOCKER) images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' $(IMAGE_PREFIX)/evaluator:$(VERSION) \
+	&& $(DOCKER) images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' $(IMAGE_PREFIX)/controller:$(VERSION) \
 	&& $(DOCKER) image prune -f >/dev/null \
 	&& $(DOCKER) builder prune -f --keep-storage $(BUILD_CACHE_KEEP) >/dev/null
 
-image-trainer image-evaluator: image-%: base-image deepspeed-wheel
+image-trainer image-evaluator image-controller: image-%: base-image deepspeed-wheel
 	wheels=$$($(WHEELHOUSE_IMAGE_CMD)) \
 	&& $(IMAGE_BUILD) --build-arg WHEELHOUSE_IMAGE=$$wheels --target $* -t $(IMAGE_PREFIX)/$*:$(VERSION) .
 

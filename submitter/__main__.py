@@ -38,11 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kube-context", default="", help="k8s: kubeconfig context (default: the current one)")
         if name == "submit":
             p.add_argument("--dry-run", action="store_true", help="k8s: print manifests as YAML, touch nothing")
+            p.add_argument("--wait", action="store_true",
+                           help="k8s: follow the controller's log until the pipeline ends; exit with its result")
             p.add_argument("--max-attempts", type=_positive, default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                            help=f"retry a failed trial until it has failed N times (default {DEFAULT_MAX_ATTEMPTS}); "
                                 "a preempted run is not a failed attempt")
         if name == "logs":
             p.add_argument("--trial", default="", help="trial name or id (default: every trial)")
+    p = sub.add_parser("controller", help="run a sweep file's pipeline inside the cluster (the controller Job)",
+                       description="what the controller Job a k8s submit creates runs: creates the trial Jobs "
+                       "under max_parallel, waits, selects the best, writes the reports, sweep after sweep")
+    p.add_argument("--sweep-file", required=True, help="the sweep YAML (mounted from the controller's ConfigMap)")
+    p.add_argument("--store", required=True, help="s3://bucket/prefix")
+    p.add_argument("--namespace", default="", help="namespace of the trial Jobs (default: the chart's, finesweep)")
+    p.add_argument("--kube-context", default="", help=argparse.SUPPRESS)
+    p.add_argument("--max-attempts", type=_positive, default=DEFAULT_MAX_ATTEMPTS, metavar="N",
+                   help=f"retry a failed trial until it has failed N times (default {DEFAULT_MAX_ATTEMPTS})")
     p = sub.add_parser("export", help="a finished trial as a merged model + adapter + model card, logit-checked",
                        description="writes DIR.partial, renamed to DIR once plain transformers reproduces base + "
                        "adapters' logits (trainer/export.py); exit 2: not done / no best, exit 1: check failed")
@@ -78,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.export import cli
 
             return cli(args, store)
+        if args.command == "controller":
+            from .controller import controller
+
+            return controller(args, store)
         from . import commands
 
         return getattr(commands, args.command)(args, store)

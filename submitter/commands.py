@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 
-from finesweep.spec import StartRef
+from finesweep.spec import StartRef, resolve_sweep_path
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, end_attempt,
                              read_status, trial_prefix)
 
@@ -29,12 +29,8 @@ def submit(args, store: ArtifactStore) -> int:
 
         settings = k8s_backend.load_settings(k8s_overrides(args))
         k8s_backend.check_store_url(args.store, dry_run)
-    plans = load_plan(args.sweep, store, allow_unresolved=dry_run)
-    searches = [p.sweep.name for p in plans if p.sweep.search is not None]
-    if args.backend == "k8s" and searches:  # the in-cluster controller drives search.py (submitter/search_loop.py)
-        log.error("sweep %s has a search: block, which runs locally for now (make submit SWEEP=%s without "
-                  "BACKEND=k8s); the Kubernetes controller is what runs it in a cluster", searches[0], args.sweep)
-        return 2
+    # k8s: the controller resolves start points as earlier sweeps finish, so they may be missing now.
+    plans = load_plan(args.sweep, store, allow_unresolved=dry_run or args.backend == "k8s")
     if args.backend == "local":
         return _submit_local(args, plans, store)
     return _submit_k8s(args, plans, store, dry_run, settings)
@@ -65,29 +61,39 @@ def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
 
 
 def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: bool, settings) -> int:
+    """A real submit hands the pipeline to its controller Job (submitter/controller.py) and returns; a dry run
+    prints the controller's manifests, then the trial manifests it would create first."""
     from . import k8s_backend
+    from .k8s_manifests import controller_manifests
 
-    for i, plan in enumerate(plans):
+    path = resolve_sweep_path(args.sweep, project_dir() / "jobs")
+    pipeline, text = path.stem, path.read_text(encoding="utf-8")
+    if not dry_run:
+        started = time.time()
+        name, action = k8s_backend.submit_controller(pipeline, text, args.store, settings, _max_attempts(args))
+        what = {"created": "created", "replaced": "replaced (the previous run had finished)",
+                "exists": "exists (still running; left alone)"}[action]
+        print(f"controller job {name} {what} in namespace {settings.namespace} ({time.time() - started:.1f}s)")
+        print(f"follow it with: kubectl logs -f job/{name} -n {settings.namespace}")
+        print(f"trials: finesweep status {args.sweep} --backend k8s --store {args.store} "
+              f"--namespace {settings.namespace}")
+        if getattr(args, "wait", False):
+            return 0 if k8s_backend.follow_controller(pipeline, settings) else 1
+        return 0
+    import yaml
+
+    sys.stdout.write(f"# finesweep dry run: the controller Job of pipeline {pipeline}, which creates the trial "
+                     f"Jobs below in the cluster\n")
+    yaml.safe_dump_all(controller_manifests(pipeline, text, settings, args.store, _max_attempts(args)), sys.stdout,
+                       sort_keys=False, explicit_start=True, width=120)
+    for plan in plans:
         if not plan.resolved:
-            if dry_run:
-                # The start point is only known once its SFT sweep has finished; show the Jobs anyway.
-                print(f"# note: {plan.sweep.start_from} is not in the store yet; trial ids below are provisional",
-                      file=sys.stderr)
-                plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
-            else:
-                earlier = next(p for p in plans[:i] if p.sweep.name == plan.sweep.start_sweep)
-                try:
-                    wait_for_sweep(earlier, store, on_poll=lambda p=earlier: record_cluster_failures(
-                        p, store, k8s_backend.status(p.sweep.name, settings)))
-                except SweepStopped as exc:
-                    log.error("%s", exc)
-                    return 1
-                plan.start = resolve_start(plan.sweep, store)
-        created = k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=dry_run,
-                                     max_attempts=_max_attempts(args))
-        if not dry_run:
-            log.info("sweep %s: %d Job(s) created; follow with `make status SWEEP=%s BACKEND=k8s`",
-                     plan.sweep.name, len(created), args.sweep)
+            # The start point is only known once its SFT sweep has finished; show the Jobs anyway.
+            print(f"# note: {plan.sweep.start_from} is not in the store yet; trial ids below are provisional",
+                  file=sys.stderr)
+            plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
+        k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=True,
+                           max_attempts=_max_attempts(args))
     return 0
 
 
@@ -96,9 +102,10 @@ def _max_attempts(args) -> int:
 
 
 def cancel(args, store: ArtifactStore) -> int:
-    """k8s: delete the sweep's Jobs (pods by propagation) and ConfigMaps, and mark its unfinished trials
-    stopped in the store; finished artifacts stay, and a later submit carries on. Local: trials run in the
-    foreground `submit` process only, so there is nothing else to stop (Ctrl-C stops that one)."""
+    """k8s: delete the pipeline's controller Job and ConfigMap, then the sweep's Jobs (pods by propagation)
+    and ConfigMaps, and mark its unfinished trials stopped in the store; finished artifacts stay, and a later
+    submit carries on. Local: trials run in the foreground `submit` process only, so there is nothing else to
+    stop (Ctrl-C stops that one)."""
     plans = load_plan(args.sweep, store, allow_unresolved=True)
     resolve_recorded_starts(plans, store)
     if args.backend != "k8s":
@@ -108,6 +115,10 @@ def cancel(args, store: ArtifactStore) -> int:
     from . import k8s_backend
 
     settings = k8s_backend.load_settings(k8s_overrides(args))
+    # The controller first: once it is gone nothing creates more trial Jobs.
+    pipeline = resolve_sweep_path(args.sweep, project_dir() / "jobs").stem
+    if k8s_backend.cancel_controller(pipeline, settings):
+        log.info("pipeline %s: controller job and its ConfigMap deleted", pipeline)
     for plan in plans:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
         stopped = 0

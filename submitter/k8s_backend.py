@@ -37,7 +37,8 @@ from finesweep.spec import Sweep, TrialSpec
 from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus
 from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
-    ClusterSettings, SettingsError, configmap_name, job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
+    CONTROLLER_CONTAINER, ClusterSettings, SettingsError, configmap_name, controller_manifests, controller_name,
+    job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
     sweep_selector, trial_configmap, trial_job)
 
 # Package data: a link to charts/finesweep/values.yaml in the repository, a copy of it in the installed wheel.
@@ -277,6 +278,109 @@ def cancel(sweep_name: str, settings: ClusterSettings, out: TextIO | None = None
                                                      _preload_content=False)):
         _delete_ignoring_404(core.delete_namespaced_config_map, cm["metadata"]["name"], settings.namespace)
     return deleted
+
+
+# ------------------------------------------------------------------------------------------------ controller
+
+def submit_controller(pipeline: str, sweep_text: str, store_url: str, settings: ClusterSettings,
+                      max_attempts: int = DEFAULT_MAX_ATTEMPTS, out: TextIO | None = None) -> tuple[str, str]:
+    """Create the pipeline's controller ConfigMap + Job (k8s_manifests.controller_manifests). A controller Job
+    that is still running is left alone ("exists"); a finished one is replaced (deleted, then created again),
+    so a resubmit runs the pipeline again and retries its failed trials. Returns (job name, what happened:
+    created | exists | replaced)."""
+    out = sys.stdout if out is None else out
+    batch, core = _clients(settings)
+    if settings.use_cluster_defaults:
+        settings = with_cluster_defaults(settings, core, out)
+    configmap, job = controller_manifests(pipeline, sweep_text, settings, store_url, max_attempts)
+    name = job["metadata"]["name"]
+    action = "created"
+    current = _read_job(batch, name, settings.namespace)
+    if current is not None:
+        if not _finished(current):
+            return name, "exists"
+        # Foreground: the old pod is gone before the new Job starts one, so two controllers never overlap.
+        _delete_ignoring_404(batch.delete_namespaced_job, name, settings.namespace,
+                             propagation_policy="Foreground")
+        _wait_gone(batch, name, settings.namespace)
+        action = "replaced"
+    # The ConfigMap holds this submit's sweep file (it may have changed since): immutable, so replace it.
+    _delete_ignoring_404(core.delete_namespaced_config_map, configmap["metadata"]["name"], settings.namespace)
+    core.create_namespaced_config_map(settings.namespace, configmap, _preload_content=False)
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        batch.create_namespaced_job(settings.namespace, job, _preload_content=False)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return name, "exists"  # another submit created it meanwhile
+    return name, action
+
+
+def cancel_controller(pipeline: str, settings: ClusterSettings) -> bool:
+    """Delete the pipeline's controller Job (its pod by propagation) and ConfigMap; False when there was none.
+    Called before the trial Jobs are deleted, so the controller cannot create more meanwhile."""
+    batch, core = _clients(settings)
+    name = controller_name(pipeline)
+    found = _delete_ignoring_404(batch.delete_namespaced_job, name, settings.namespace,
+                                 propagation_policy="Foreground")
+    _delete_ignoring_404(core.delete_namespaced_config_map, f"{name}-sweep", settings.namespace)
+    if found:
+        _wait_gone(batch, name, settings.namespace)
+    return found
+
+
+def follow_controller(pipeline: str, settings: ClusterSettings, out: TextIO | None = None,
+                      poll_seconds: float = 2.0) -> bool:
+    """Stream the controller's log (each pod in turn, a replacement after a takeover) until its Job
+    finishes. True when it completed, False when it failed (or was deleted)."""
+    out = sys.stdout if out is None else out
+    batch, core = _clients(settings)
+    name = controller_name(pipeline)
+    followed: set[str] = set()
+    while True:
+        job = _read_job(batch, name, settings.namespace)
+        if job is None:
+            print(f"controller job {name} is gone (cancelled?)", file=out, flush=True)
+            return False
+        pods = _items(core.list_namespaced_pod(settings.namespace, _preload_content=False,
+                                               label_selector=f"batch.kubernetes.io/job-name={name}"))
+        pod = _newest_pods(pods).get(name)
+        state = _container_state(pod, CONTROLLER_CONTAINER) if pod else {}
+        if pod and pod["metadata"]["name"] not in followed and ("running" in state or "terminated" in state):
+            followed.add(pod["metadata"]["name"])
+            for raw in core.read_namespaced_pod_log(pod["metadata"]["name"], settings.namespace,
+                                                    container=CONTROLLER_CONTAINER, follow=True,
+                                                    _preload_content=False):
+                out.write(raw.decode("utf-8", "replace"))
+                out.flush()
+            continue
+        if _finished(job):
+            complete = any(c.get("type") == "Complete" and c.get("status") == "True"
+                           for c in (job.get("status") or {}).get("conditions") or [])
+            print(f"controller job {name} {'completed' if complete else 'failed'}", file=out, flush=True)
+            return complete
+        time.sleep(poll_seconds)
+
+
+def _read_job(batch: Any, name: str, namespace: str) -> dict | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return _json(batch.read_namespaced_job(name, namespace, _preload_content=False))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _wait_gone(batch: Any, name: str, namespace: str, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while _read_job(batch, name, namespace) is not None:
+        if time.time() > deadline:
+            raise TimeoutError(f"job {name} still exists {timeout_s:.0f}s after it was deleted (a finalizer?)")
+        time.sleep(1.0)
 
 
 def _delete_trial_objects(batch: Any, core: Any, settings: ClusterSettings, job: str) -> bool:

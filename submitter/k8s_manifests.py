@@ -73,6 +73,7 @@ class ClusterSettings:
     kube_context: str | None = None  # kubeconfig context (None: the current one)
     trainer_image: str = "finesweep/trainer:0.1.0"
     evaluator_image: str = "finesweep/evaluator:0.1.0"
+    controller_image: str = "finesweep/controller:0.1.0"  # the in-cluster pipeline loop (submitter/controller.py)
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     gpus_per_trial: int = 1
@@ -106,6 +107,10 @@ class ClusterSettings:
     s3_secret_name: str = "finesweep-s3"
     s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
     s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    # The controller Job: the ServiceAccount it runs as (the chart's, with the submitter's Role) and, where
+    # pods cannot reach the API through the `kubernetes` Service (no kube-proxy), the API server's URL.
+    controller_service_account: str = "finesweep"
+    controller_api_server: str = ""
     # Submitter behaviour, not part of any manifest.
     poll_seconds: float = 15.0  # how often submit re-checks running Jobs while it waits for a free slot
     wait_for_slots: bool = True  # False: submit returns after the first max_parallel Jobs (re-run to continue)
@@ -121,6 +126,7 @@ SETTINGS_PATHS: dict[str, str] = {
     "kube_context": "submitter.kubeContext",
     "trainer_image": "images.trainer",
     "evaluator_image": "images.evaluator",
+    "controller_image": "images.controller",
     "image_pull_policy": "images.pullPolicy",
     "image_pull_secrets": "images.pullSecrets",
     "gpus_per_trial": "jobs.gpusPerTrial",
@@ -152,6 +158,8 @@ SETTINGS_PATHS: dict[str, str] = {
     "s3_secret_name": "s3.secretName",
     "s3_access_key_id_key": "s3.accessKeyIdKey",
     "s3_secret_access_key_key": "s3.secretAccessKeyKey",
+    "controller_service_account": "controller.serviceAccountName",
+    "controller_api_server": "controller.apiServer",
     "poll_seconds": "submitter.pollSeconds",
     "wait_for_slots": "submitter.waitForSlots",
     "use_cluster_defaults": "submitter.useClusterDefaults",
@@ -184,6 +192,7 @@ def resolved_defaults(values: dict, namespace: str = "finesweep", release: str =
         "images": {
             "trainer": f"{images['trainer']['repository']}:{images['trainer']['tag']}",
             "evaluator": f"{images['evaluator']['repository']}:{images['evaluator']['tag']}",
+            "controller": f"{images['controller']['repository']}:{images['controller']['tag']}",
             "pullPolicy": images["pullPolicy"],
             "pullSecrets": list(images.get("pullSecrets", [])),
         },
@@ -195,6 +204,12 @@ def resolved_defaults(values: dict, namespace: str = "finesweep", release: str =
             "secretName": s3.get("existingSecret") or f"{fullname}-s3",
             "accessKeyIdKey": s3["accessKeyIdKey"],
             "secretAccessKeyKey": s3["secretAccessKeyKey"],
+        },
+        "controller": {
+            # The chart's `finesweep.serviceAccountName` helper: the ServiceAccount its Role is bound to.
+            "serviceAccountName": (values["serviceAccount"].get("name") or fullname)
+            if values["serviceAccount"].get("create", True) else (values["serviceAccount"].get("name") or "default"),
+            "apiServer": (values.get("controller") or {}).get("apiServer", ""),
         },
     }
 
@@ -240,11 +255,15 @@ def check_settings(settings: ClusterSettings) -> None:
             "(e.g. finesweep)")
     if not isinstance(settings.gpus_per_trial, int) or settings.gpus_per_trial < 0:
         bad("gpus_per_trial", f"{settings.gpus_per_trial!r} is not a GPU count (0 or more)")
-    for name in ("trainer_image", "evaluator_image"):
+    for name in ("trainer_image", "evaluator_image", "controller_image"):
         image = getattr(settings, name)
         untagged = ":" not in image.rsplit("/", 1)[-1] and "@" not in image
         if not image or image.endswith(":latest") or untagged:
             bad(name, f"{image!r} needs a fixed tag (not latest) so re-runs use the same code")
+    if settings.controller_api_server and not re.fullmatch(r"https://[^/\s]+:\d+", settings.controller_api_server):
+        bad("controller_api_server", f"{settings.controller_api_server[:80]!r} is not an https://HOST:PORT URL",
+            "set controller.apiServer to the API server's address as pods on the host network see it (e.g. "
+            "https://127.0.0.1:6443), or leave it empty on a cluster with kube-proxy")
     if settings.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
         bad("image_pull_policy", f"{settings.image_pull_policy!r} is not Always, IfNotPresent or Never")
     if settings.kueue_queue_name and not _LABEL_VALUE.fullmatch(settings.kueue_queue_name):
@@ -442,6 +461,149 @@ def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, stor
         manifests.append(trial_configmap(spec, settings, attempt))
         manifests.append(trial_job(spec, settings, store_url, attempt))
     return manifests
+
+
+# ------------------------------------------------------------------------------------------------ controller
+
+CONTROLLER_CONTAINER = "controller"
+CONTROLLER_SWEEP_FILE = "sweep.yaml"
+LABEL_PIPELINE = "finesweep.io/pipeline"
+# A controller pod that dies is replaced by its Job and carries on from the store; a few replacements cover a
+# node going away or the pod being deleted, while a controller that crashes at once still ends.
+CONTROLLER_BACKOFF_LIMIT = 4
+CONTROLLER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+
+
+def controller_name(pipeline: str) -> str:
+    """`finesweep-controller-<pipeline>`: one controller Job (and ConfigMap) per sweep file, so a resubmit
+    finds the running one instead of starting a second. Cut with a short hash to stay a DNS-1123 label."""
+    clean = re.sub(r"[^a-z0-9-]+", "-", pipeline.lower()).strip("-") or "pipeline"
+    name = f"finesweep-controller-{clean}"
+    if len(name) <= 63 and clean == pipeline:
+        return name
+    digest = hashlib.sha256(pipeline.encode()).hexdigest()[:6]
+    return f"finesweep-controller-{clean[:34].strip('-')}-{digest}"
+
+
+def controller_labels(pipeline: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "finesweep",
+        LABEL_COMPONENT: "controller",
+        LABEL_PART_OF: "finesweep",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PIPELINE: _label_value(pipeline),
+    }
+
+
+def controller_configmap(pipeline: str, sweep_text: str, settings: ClusterSettings) -> dict:
+    """The sweep file's text: the controller validates and runs exactly what the user submitted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{controller_name(pipeline)}-sweep", "namespace": settings.namespace,
+                     "labels": controller_labels(pipeline)},
+        "immutable": True,
+        "data": {CONTROLLER_SWEEP_FILE: sweep_text},
+    }
+
+
+def controller_job(pipeline: str, settings: ClusterSettings, store_url: str, max_attempts: int) -> dict:
+    """The Job that runs `finesweep controller` for one sweep file (submitter/controller.py) in the cluster."""
+    name = controller_name(pipeline)
+    env = [
+        {"name": "FINESWEEP_S3_ENDPOINT", "value": settings.s3_endpoint},
+        {"name": "AWS_REGION", "value": settings.s3_region},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {
+            "name": settings.s3_secret_name, "key": settings.s3_access_key_id_key}}},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
+            "name": settings.s3_secret_name, "key": settings.s3_secret_access_key_key}}},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},  # the report's plots; the root filesystem is read-only
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` as they happen
+    ]
+    if settings.controller_api_server:
+        # No kube-proxy (the offline cluster): the `kubernetes` Service's ClusterIP leads nowhere, so point the
+        # in-cluster config at the API server directly. Container env wins over the kubelet's service env.
+        host, port = settings.controller_api_server[len("https://"):].rsplit(":", 1)
+        env += [{"name": "KUBERNETES_SERVICE_HOST", "value": host.strip("[]")},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": port}]
+    env.extend(dict(e) for e in settings.extra_env)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.controller_service_account,
+        # Unlike trial pods, the controller talks to the API server (creates and watches trial Jobs).
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_group,
+            "fsGroup": settings.fs_group,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": CONTROLLER_CONTAINER,
+            "image": settings.controller_image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "args": ["finesweep", "controller", "--sweep-file", f"{SPEC_DIR}/{CONTROLLER_SWEEP_FILE}",
+                     "--store", store_url, "--namespace", settings.namespace,
+                     "--max-attempts", str(max_attempts)],
+            "env": env,
+            "resources": copy.deepcopy(CONTROLLER_RESOURCES),
+            "volumeMounts": [
+                {"name": "sweep", "mountPath": SPEC_DIR, "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},
+                # The sweep file's local paths (model, data) are checked where trial pods will see them.
+                *(dict(m) for m in settings.extra_volume_mounts),
+            ],
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+            },
+        }],
+        "volumes": [
+            {"name": "sweep", "configMap": {"name": f"{name}-sweep",
+                                            "items": [{"key": CONTROLLER_SWEEP_FILE, "path": CONTROLLER_SWEEP_FILE}]}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+            *(dict(v) for v in settings.extra_volumes),
+        ],
+    }
+    if settings.host_network:
+        # The offline cluster: the store and the API server listen on the node's loopback.
+        pod_spec["hostNetwork"] = True
+    if settings.priority_class_name:
+        pod_spec["priorityClassName"] = settings.priority_class_name
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": controller_labels(pipeline),
+                     "annotations": {ANNOTATION_STORE: store_url}},
+        "spec": {
+            "backoffLimit": CONTROLLER_BACKOFF_LIMIT,
+            # A replacement pod starts only once the old one is gone (not merely terminating), so two
+            # controllers never act on the same pipeline at once.
+            "podReplacementPolicy": "Failed",
+            # Exit 1 (the pipeline ended with failed trials) and 2 (a settings or sweep error) are results, not
+            # crashes: a replacement would only retry trials nobody resubmitted. A killed or lost pod is replaced.
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTROLLER_CONTAINER, "operator": "In",
+                                                      "values": [1, 2]}}]},
+            "template": {"metadata": {"labels": controller_labels(pipeline)}, "spec": pod_spec},
+        },
+    }
+
+
+def controller_manifests(pipeline: str, sweep_text: str, settings: ClusterSettings, store_url: str,
+                         max_attempts: int) -> list[dict]:
+    """ConfigMap then Job, the order a submit creates them in."""
+    return [controller_configmap(pipeline, sweep_text, settings),
+            controller_job(pipeline, settings, store_url, max_attempts)]
 
 
 # ------------------------------------------------------------------------------------------------ pieces

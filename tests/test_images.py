@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "pytest"
 TRAINER = f"finesweep/trainer:{TAG}"
 EVALUATOR = f"finesweep/evaluator:{TAG}"
+CONTROLLER = f"finesweep/controller:{TAG}"
 DOCKER = "/usr/bin/docker" if os.access("/usr/bin/docker", os.X_OK) else "docker"
 # Values that must never end up in an image: set while building, searched for afterwards.
 CANARY = "canary-" + uuid.uuid4().hex
@@ -61,7 +62,7 @@ def images():
                            capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
     assert build.returncode == 0, build.stdout[-6000:] + build.stderr[-6000:]
     print(f"make images: {time.monotonic() - start:.0f}s\n" + build.stdout[-400:])
-    return {"trainer": TRAINER, "evaluator": EVALUATOR}
+    return {"trainer": TRAINER, "evaluator": EVALUATOR, "controller": CONTROLLER}
 
 
 def inspect(image: str) -> dict:
@@ -170,10 +171,11 @@ def test_multi_gpu_launch_is_preemptible(images, tmp_path):
         docker("rm", "-f", name, check=False)
 
 
-@pytest.mark.parametrize("target", ["trainer", "evaluator"])
+@pytest.mark.parametrize("target", ["trainer", "evaluator", "controller"])
 def test_only_needed_code_and_no_credentials(images, target):
     image = images[target]
-    expected = {"finesweep", "trainer", "evaluator"} | ({"images"} if target == "trainer" else set())
+    # The code is a package in /opt/venv (commit d56f99e); /app holds only the trainer's accelerate configs.
+    expected = {"images"} if target == "trainer" else set()
     as_root = ("run", "--rm", "--network", "host", "--user", "0", image)  # to see into /root as well
     listing = docker(*as_root, "sh", "-c", "ls -A /app; echo ---; ls -A /home/finesweep; echo ---; ls -A /root"
                      ).stdout.split("---")
@@ -194,6 +196,18 @@ def test_only_needed_code_and_no_credentials(images, target):
     assert CANARY not in text
     for needle in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MINIO_ROOT_PASSWORD", "HF_TOKEN"):
         assert needle not in text, needle
+
+
+def test_controller_image_runs_the_cli_without_torch(images):
+    image = images["controller"]
+    assert inspect(image)["Config"]["User"] == "1000:1000"
+    out = run_in(image, "finesweep", "--help").stdout
+    assert "controller" in out and "submit" in out, out
+    assert "controller" in run_in(image, "finesweep", "controller", "--help").stdout
+    # What the controller imports on its path, and no torch: a small image that never trains.
+    probe = run_in(image, "python", "-c", "import submitter.controller, evaluator.report, finesweep.stats, kubernetes, "
+                   "boto3, matplotlib, sacrebleu, optuna; import importlib.util as u; print(u.find_spec('torch'))")
+    assert probe.stdout.strip() == "None", probe.stdout + probe.stderr
 
 
 # ---------------------------------------------------------------------------------------------- a trial in containers

@@ -505,6 +505,11 @@ class FakeCluster:
         self.most_unfinished = max(self.most_unfinished, self._unfinished())
         return _Response(job)
 
+    def read_namespaced_job(self, name, namespace, _preload_content=True):
+        if name not in self.jobs:
+            raise self._conflict(404)
+        return _Response(self.jobs[name])
+
     def list_namespaced_job(self, namespace, label_selector, _preload_content=True):
         return _Response({"items": [j for j in self.jobs.values() if self._matches(j, label_selector)]})
 
@@ -762,14 +767,19 @@ def test_a_job_whose_configmap_cannot_be_created_is_taken_back(fake_cluster, loc
 
 
 def test_make_dry_run_for_the_dpo_sweep_prints_valid_jobs_for_all_trials(tmp_path):
-    """The issue's acceptance command, through make: stdout is one YAML stream (no set-up chatter in it) with a
-    valid Job for each of the 5 trials plus the base and start reference rows."""
+    """The issue's acceptance command, through make: stdout is one YAML stream (no set-up chatter in it) with the
+    controller's ConfigMap and Job first, then a valid Job for each of the 5 trials plus the base and start
+    reference rows."""
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "none")}
     run = subprocess.run(["make", "-s", "submit", "SWEEP=dpo", "BACKEND=k8s", "DRY_RUN=1", f"STORE={tmp_path}/s"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     docs = [d for d in yaml.safe_load_all(run.stdout) if d]
-    jobs = [d for d in docs if d["kind"] == "Job"]
+    assert [d["kind"] for d in docs[:2]] == ["ConfigMap", "Job"]
+    controller, jobs = docs[1], [d for d in docs[2:] if d["kind"] == "Job"]
+    assert controller["metadata"]["name"] == "finesweep-controller-dpo"
+    assert controller["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["finesweep", "controller"]
+    assert yaml.safe_load(docs[0]["data"]["sweep.yaml"]) == yaml.safe_load((ROOT / "jobs" / "dpo.yaml").read_text())
     assert len(jobs) == 7
     assert sorted(j["metadata"]["annotations"]["finesweep.io/trial-name"] for j in jobs) == \
         ["base", "start", "t1", "t2", "t3", "t4", "t5"]
@@ -896,3 +906,194 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
     caplog.set_level("INFO", logger="finesweep")
     assert main(["cancel", str(path), "--store", STORE_URL]) == 0  # local: nothing runs in the background
     assert "nothing was cancelled" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ controller
+
+CONTROLLER_EXPECTED = ROOT / "tests" / "expected" / "k8s-controller.yaml"
+
+
+def _controller_settings():
+    return k8s_backend.load_settings({"host_network": True, "controller_api_server": "https://127.0.0.1:26443",
+                                      "extra_volumes": [{"name": "models", "hostPath": {"path": "/m"}}],
+                                      "extra_volume_mounts": [{"name": "models", "mountPath": "/app/build/m"}]})
+
+
+def test_controller_manifests_match_the_reviewed_expected_file():
+    manifests = km.controller_manifests("example", EXAMPLE_PIPELINE, _controller_settings(), STORE_URL, 3)
+    assert k8s_schemas.validate_stream(manifests) == []
+    text = yaml.safe_dump_all(manifests, sort_keys=False, explicit_start=True, width=120)
+    if os.environ.get("FINESWEEP_UPDATE_EXPECTED"):
+        CONTROLLER_EXPECTED.write_text(text)
+    assert text == CONTROLLER_EXPECTED.read_text(), (
+        f"manifests differ from {CONTROLLER_EXPECTED.relative_to(ROOT)}; if the change is intended, rerun with "
+        f"FINESWEEP_UPDATE_EXPECTED=1 and review the diff")
+
+
+def test_controller_job_has_the_api_the_store_and_nothing_more():
+    configmap, job = km.controller_manifests("example", EXAMPLE_PIPELINE, _controller_settings(), STORE_URL, 3)
+    assert configmap["data"]["sweep.yaml"] == EXAMPLE_PIPELINE and configmap["immutable"] is True
+    spec = job["spec"]
+    # One pod at a time: the replacement only once the old one is gone; a few replacements, then give up.
+    assert spec["podReplacementPolicy"] == "Failed" and 0 < spec["backoffLimit"] < 10
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "finesweep" and pod["automountServiceAccountToken"] is True
+    assert pod["hostNetwork"] is True and pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "finesweep/controller:0.1.0"
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"]["value"] == "127.0.0.1" and env["KUBERNETES_SERVICE_PORT"]["value"] == "26443"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "finesweep-s3"
+    assert "/app/build/m" in {m["mountPath"] for m in container["volumeMounts"]}
+    assert container["args"][container["args"].index("--store") + 1] == STORE_URL
+    # A real cluster: the standard in-cluster config, no overrides, no host network.
+    plain = km.controller_job("example", k8s_backend.load_settings(), STORE_URL, 3)["spec"]["template"]["spec"]
+    assert "hostNetwork" not in plain
+    plain_env = {e["name"] for e in plain["containers"][0]["env"]}
+    assert not {"KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"} & plain_env
+
+
+def test_controller_names_are_deterministic_and_valid():
+    assert km.controller_name("smoke") == "finesweep-controller-smoke"
+    odd = "A_very_long_pipeline_name_" * 4
+    long = km.controller_name(odd)
+    assert len(long) <= 63 and km._DNS1123_LABEL.fullmatch(long) and long == km.controller_name(odd)
+    assert km.controller_name("a_b") != km.controller_name("a-b")
+
+
+def test_controller_api_server_setting_is_checked():
+    with pytest.raises(km.SettingsError, match="controller.apiServer"):
+        k8s_backend.load_settings({"controller_api_server": "127.0.0.1:6443"})
+
+
+def test_submit_controller_creates_leaves_a_running_one_and_replaces_a_finished_one(fake_cluster):
+    settings = k8s_backend.load_settings()
+    name, action = k8s_backend.submit_controller("example", EXAMPLE_PIPELINE, STORE_URL, settings, 3, out=io.StringIO())
+    assert (name, action) == ("finesweep-controller-example", "created")
+    assert fake_cluster.configmaps[f"{name}-sweep"]["data"]["sweep.yaml"] == EXAMPLE_PIPELINE
+    assert k8s_backend.submit_controller("example", EXAMPLE_PIPELINE, STORE_URL, settings, 3,
+                                         out=io.StringIO())[1] == "exists"
+    assert fake_cluster.created_jobs == [name]  # a running controller is never doubled
+    fake_cluster.finish_all("Failed")
+    assert k8s_backend.submit_controller("example", EXAMPLE_PIPELINE + "# edited\n", STORE_URL, settings, 3,
+                                         out=io.StringIO())[1] == "replaced"
+    assert fake_cluster.created_jobs == [name, name] and (name, "Foreground") in fake_cluster.deleted_jobs
+    assert fake_cluster.configmaps[f"{name}-sweep"]["data"]["sweep.yaml"].endswith("# edited\n")
+    assert k8s_backend.cancel_controller("example", settings) is True
+    assert name not in fake_cluster.jobs and f"{name}-sweep" not in fake_cluster.configmaps
+    assert k8s_backend.cancel_controller("example", settings) is False
+
+
+def test_detached_submit_creates_only_the_controller_and_returns(fake_cluster, tmp_path, capsys):
+    from submitter.__main__ import main
+
+    path = tmp_path / "detached.yaml"
+    path.write_text(EXAMPLE_PIPELINE.replace("chat-small", "sft-open-questions"))
+    assert main(["submit", str(path), "--backend", "k8s", "--store", STORE_URL]) == 0
+    assert fake_cluster.created_jobs == ["finesweep-controller-detached"]  # trial Jobs are the controller's
+    out = capsys.readouterr().out
+    assert "kubectl logs -f job/finesweep-controller-detached -n finesweep" in out
+    assert main(["submit", str(path), "--backend", "k8s", "--store", STORE_URL]) == 0
+    assert "exists" in capsys.readouterr().out and fake_cluster.created_jobs == ["finesweep-controller-detached"]
+
+
+class _FailingCluster(FakeCluster):
+    """Every trial Job fails as soon as it exists (the pod OOMKilled), so the controller's loop can run to its
+    end without a trainer: it must record the failures, settle, and stop creating Jobs."""
+
+    def create_namespaced_job(self, namespace, body, _preload_content=True):
+        response = super().create_namespaced_job(namespace, body, _preload_content)
+        name = body["metadata"]["name"]
+        if body["metadata"]["labels"].get(km.LABEL_COMPONENT) == "trial":
+            _fail_job(self, name, exit_code=137, reason="OOMKilled")
+        return response
+
+
+def test_controller_runs_a_sweep_to_its_end_and_a_replacement_creates_nothing_twice(monkeypatch, local_store,
+                                                                                      tmp_path, caplog):
+    import logging
+
+    from finesweep.store import LocalStore, TrialState, read_status
+    from submitter.__main__ import main
+
+    cluster = _FailingCluster()
+    monkeypatch.setattr(k8s_backend, "_clients", lambda settings: (cluster, cluster))
+    path = tmp_path / "one.yaml"
+    path.write_text(EXAMPLE_PIPELINE.replace("chat-small", "sft-open-questions").split("  - name: dpo")[0])
+    (sweep,) = load_sweeps(path)
+    specs = sweep.reference_specs(None) + sweep.trial_specs(None)
+    argv = ["controller", "--sweep-file", str(path), "--store", STORE_URL, "--max-attempts", "1"]
+    monkeypatch.setattr(k8s_backend, "load_settings", lambda overrides=None, real=k8s_backend.load_settings:
+                        dataclasses.replace(real(overrides), poll_seconds=0.01))
+    with caplog.at_level(logging.INFO, logger="finesweep"):
+        assert main(argv) == 1  # every trial failed: a result, exit 1 (the Job's podFailurePolicy: no retry)
+    store = LocalStore(local_store)
+    for spec in specs:
+        st = read_status(store, spec.sweep, spec.trial_id)
+        assert st.state is TrialState.FAILED and "OOMKilled" in st.failure.reason, spec.name
+    assert sorted(cluster.created_jobs) == sorted(km.job_name(s) for s in specs)
+    text = caplog.text
+    assert "[1/1] sweep sft (sft)" in text and "created job" in text and "-> failed" in text
+    assert "settled (3 failed)" in text and "pipeline finished" in text
+    # A replacement controller (same Job, new pod) finds every trial settled at the attempt limit: no new Job.
+    assert main(argv) == 1
+    assert sorted(cluster.created_jobs) == sorted(km.job_name(s) for s in specs)
+
+
+def test_search_backend_creates_each_trials_job_once_across_controllers(fake_cluster, local_store, example_sweeps):
+    from finesweep.store import LocalStore, read_status
+    from submitter.controller import K8sSearchBackend
+
+    settings = k8s_backend.load_settings()
+    store = LocalStore(local_store)
+    first = trials_of(example_sweeps[0])[0]
+    backend = K8sSearchBackend(store, STORE_URL, settings, 3)
+    backend.schedule(first)
+    backend.schedule(first)  # the loop schedules a trial again after a restart: idempotent
+    assert fake_cluster.created_jobs == [km.job_name(first)]
+    assert read_status(store, first.sweep, first.trial_id).attempts[-1].job == km.job_name(first)
+    # A replacement controller: the Job of the trial under way exists, so nothing new.
+    replacement = K8sSearchBackend(store, STORE_URL, settings, 3)
+    replacement.schedule(first)
+    assert fake_cluster.created_jobs == [km.job_name(first)]
+    # The Job the cluster gave up on settles the trial as failed at the next wait (else the search would hang).
+    _fail_job(fake_cluster, km.job_name(first), exit_code=137, reason="OOMKilled")
+    replacement.wait(0)
+    assert read_status(store, first.sweep, first.trial_id).state.value == "failed"
+    replacement.schedule(first)  # failed is settled for the search: no retry inside the loop
+    assert fake_cluster.created_jobs == [km.job_name(first)]
+
+
+def test_controller_waits_out_a_store_outage_and_not_a_bug(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from finesweep.store import StoreError
+    from submitter import controller as ctl
+    from submitter.__main__ import main
+
+    path = tmp_path / "one.yaml"
+    path.write_text(EXAMPLE_PIPELINE.replace("chat-small", "sft-open-questions").split("  - name: dpo")[0])
+    monkeypatch.setattr(k8s_backend, "load_settings", lambda overrides=None, real=k8s_backend.load_settings:
+                        dataclasses.replace(real(overrides), poll_seconds=0.01))
+    calls = []
+
+    def flaky(stage, plan, store, args, settings):
+        calls.append(stage)
+        if len(calls) == 1:
+            raise StoreError("s3://finesweep/runs: connection refused")
+        return 0
+
+    monkeypatch.setattr(ctl, "_run_sweep", flaky)
+    argv = ["controller", "--sweep-file", str(path), "--store", STORE_URL]
+    with caplog.at_level(logging.WARNING, logger="finesweep"):
+        assert main(argv) == 0
+    assert len(calls) == 2 and "store or API unreachable" in caplog.text
+
+    def bug(*args):
+        raise KeyError("summary")
+
+    monkeypatch.setattr(ctl, "_run_sweep", bug)
+    with pytest.raises(KeyError):
+        main(argv)

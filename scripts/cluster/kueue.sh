@@ -34,20 +34,8 @@ build() {  # prints the binary's path
   echo "$KUEUE_BIN/kueue"
 }
 
-cert() {  # cert <file stem> <CN> <O or ""> <extendedKeyUsage> [subjectAltName]: signed by the cluster CA
-  local stem="$1" cn="$2" org="$3" usage="$4" san="${5:-}"
-  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$KUEUE_DIR/pki/$stem.key" \
-    -out "$KUEUE_DIR/pki/$stem.csr" -subj "/CN=$cn${org:+/O=$org}" 2>/dev/null
-  {
-    echo "basicConstraints=critical,CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    echo "extendedKeyUsage=$usage"
-    [[ -n "$san" ]] && echo "subjectAltName=$san"
-  } >"$KUEUE_DIR/pki/$stem.ext"
-  openssl x509 -req -in "$KUEUE_DIR/pki/$stem.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 30 -extfile "$KUEUE_DIR/pki/$stem.ext" -out "$KUEUE_DIR/pki/$stem.crt" 2>/dev/null
-  rm -f "$KUEUE_DIR/pki/$stem.csr" "$KUEUE_DIR/pki/$stem.ext"
-}
+# cert <file stem> <CN> <O or ""> <extendedKeyUsage> [subjectAltName]: signed by the cluster CA
+cert() { signed_cert "$KUEUE_DIR/pki" "$@"; }
 
 webhooks_work() {  # the API server reaches the validating and mutating webhooks: a server-side dry run
   kubectl_ create --dry-run=server -o name -f - <<EOF

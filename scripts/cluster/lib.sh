@@ -50,3 +50,20 @@ running() {  # running <component>: its recorded pid is alive
   local pidfile="$PIDS/$1.pid"
   [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
+
+# signed_cert <dir> <file stem> <CN> <O or ""> <extendedKeyUsage> [subjectAltName]: a key and a certificate in
+# <dir>, signed by the cluster CA in $PKI (the cluster's components and Kueue's endpoints alike).
+signed_cert() {
+  local dir="$1" stem="$2" cn="$3" org="$4" usage="$5" san="${6:-}"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$dir/$stem.key" \
+    -out "$dir/$stem.csr" -subj "/CN=$cn${org:+/O=$org}" 2>/dev/null
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$usage"
+    [[ -n "$san" ]] && echo "subjectAltName=$san"
+  } >"$dir/$stem.ext"
+  openssl x509 -req -in "$dir/$stem.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 30 \
+    -extfile "$dir/$stem.ext" -out "$dir/$stem.crt" 2>/dev/null
+  rm -f "$dir/$stem.csr" "$dir/$stem.ext"
+}

@@ -68,20 +68,7 @@ wait_for() {  # wait_for <component> <seconds> <check command...>
 }
 
 # ------------------------------------------------------------------------------------------ certificates
-cert() {  # cert <file stem> <CN> <O or ""> <extendedKeyUsage> [subjectAltName]
-  local stem="$1" cn="$2" org="$3" usage="$4" san="${5:-}"
-  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$PKI/$stem.key" \
-    -out "$PKI/$stem.csr" -subj "/CN=$cn${org:+/O=$org}" 2>/dev/null
-  {
-    echo "basicConstraints=critical,CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    echo "extendedKeyUsage=$usage"
-    [[ -n "$san" ]] && echo "subjectAltName=$san"
-  } >"$PKI/$stem.ext"
-  openssl x509 -req -in "$PKI/$stem.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -days 30 \
-    -extfile "$PKI/$stem.ext" -out "$PKI/$stem.crt" 2>/dev/null
-  rm -f "$PKI/$stem.csr" "$PKI/$stem.ext"
-}
+cert() { signed_cert "$PKI" "$@"; }  # cert <file stem> <CN> <O or ""> <extendedKeyUsage> [subjectAltName]
 
 kubeconfig() {  # kubeconfig <file> <cert stem>
   cat >"$1" <<EOF

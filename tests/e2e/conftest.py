@@ -31,6 +31,7 @@ RELEASE = "finesweep"
 BUCKET = "finesweep"
 TRAINER_IMAGE = os.environ.get("TRAINER_IMAGE", "finesweep/trainer:0.1.0")
 EVALUATOR_IMAGE = os.environ.get("EVALUATOR_IMAGE", "finesweep/evaluator:0.1.0")
+CONTROLLER_IMAGE = os.environ.get("CONTROLLER_IMAGE", "finesweep/controller:0.1.0")
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -88,11 +89,17 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
     shutil.copytree(ROOT / "build" / "tiny-llama", model_dir)
     for p in [model_dir, *model_dir.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
+    admin = yaml.safe_load(Path(KUBECONFIG).read_text())
+    cluster_entry = admin["clusters"][0]["cluster"]
+    controller_repo, controller_tag = CONTROLLER_IMAGE.rsplit(":", 1)
     trainer_repo, trainer_tag = TRAINER_IMAGE.rsplit(":", 1)
     evaluator_repo, evaluator_tag = EVALUATOR_IMAGE.rsplit(":", 1)
     values = {
         "images": {"trainer": {"repository": trainer_repo, "tag": trainer_tag},
-                   "evaluator": {"repository": evaluator_repo, "tag": evaluator_tag}},
+                   "evaluator": {"repository": evaluator_repo, "tag": evaluator_tag},
+                   "controller": {"repository": controller_repo, "tag": controller_tag}},
+        # No kube-proxy: the controller pod (host network) reaches the API server where the node does.
+        "controller": {"apiServer": cluster_entry["server"]},
         "s3": {"endpoint": minio.endpoint, "bucket": BUCKET, "existingSecret": "e2e-s3"},
         "jobs": {
             "gpusPerTrial": 0,
@@ -119,8 +126,6 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
 
     # The submitter runs as the chart's ServiceAccount, so the chart's Role is what the e2e proves sufficient.
     token = kubectl("create", "token", RELEASE, "-n", namespace, "--duration", "2h").stdout.strip()
-    admin = yaml.safe_load(Path(KUBECONFIG).read_text())
-    cluster_entry = admin["clusters"][0]["cluster"]
     ca = base64.b64encode(Path(cluster_entry["certificate-authority"]).read_bytes()).decode()
     submitter_kubeconfig = tmp_path_factory.mktemp("submitter") / "kubeconfig"
     submitter_kubeconfig.write_text(yaml.safe_dump({

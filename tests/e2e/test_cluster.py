@@ -18,13 +18,29 @@ from tests.e2e.conftest import (NAMESPACE, OOM_NAMESPACE, RELEASE, ROOT, helm, i
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-MANAGED = "app.kubernetes.io/managed-by=finesweep-submitter"
+MANAGED = "app.kubernetes.io/managed-by=finesweep-submitter"  # trial Jobs and the controller Jobs
+TRIALS = f"{MANAGED},app.kubernetes.io/component=trial"
+CONTROLLER = "finesweep-controller-smoke"
 PROGRESS = re.compile(r"step \d+/\d+ \(\d+%\) loss [0-9.]+ .*tok/s \d+ .*eta ")
 
 
-def jobs(selector: str = MANAGED, field_selector: str = "", namespace: str = NAMESPACE) -> list[dict]:
+def jobs(selector: str = TRIALS, field_selector: str = "", namespace: str = NAMESPACE) -> list[dict]:
     extra = ["--field-selector", field_selector] if field_selector else []
     return json.loads(kubectl("get", "jobs", "-n", namespace, "-l", selector, *extra, "-o", "json").stdout)["items"]
+
+
+def appeared(selector: str, timeout: float = 300) -> list[dict]:
+    """The trial Jobs matching `selector` once the controller has created them (a submit only starts it)."""
+    deadline = time.time() + timeout
+    while not (found := jobs(selector)):
+        assert time.time() < deadline, f"no Job {selector} after {timeout}s"
+        time.sleep(2)
+    return found
+
+
+def controller_job(name: str = CONTROLLER) -> dict | None:
+    found = jobs(f"{MANAGED},app.kubernetes.io/component=controller", f"metadata.name={name}")
+    return found[0] if found else None
 
 
 def pods(selector: str) -> list[dict]:
@@ -75,22 +91,88 @@ def test_helm_test_reaches_the_store_from_a_pod(release):
 
 @pytest.fixture(scope="module")
 def smoke(release):
-    """jobs/smoke.yaml submitted once with the k8s backend and run to completion: (submit output, plans)."""
+    """jobs/smoke.yaml submitted detached with the k8s backend; the controller Job runs it to completion, its
+    pod deleted during the SFT stage: (submit output, plans, store, figures)."""
     from submitter.plan import load_plan, resolve_recorded_starts
 
     started = time.time()
-    proc = submitter(release, "submit", "jobs/smoke.yaml", timeout=2400)
+    proc = submitter(release, "submit", "jobs/smoke.yaml", timeout=120)
+    returned_s = time.time() - started
+    print(f"detached submit returned in {returned_s:.1f}s")
+    assert returned_s < 10, proc.stdout
+    assert f"kubectl logs -f job/{CONTROLLER} -n {NAMESPACE}" in proc.stdout, proc.stdout
+
+    # Every trial Job uid ever seen, per trial: a Job created twice (even deleted in between) shows two.
+    uids: dict[str, set[str]] = {}
+
+    def observe() -> list[dict]:
+        found = jobs()
+        for job in found:
+            uids.setdefault(job["metadata"]["labels"]["finesweep.io/trial"], set()).add(job["metadata"]["uid"])
+        return found
+
+    # Takeover: once the SFT stage has a running trial Job, delete the controller's pod.
+    deadline = time.time() + 600
+    while not [j for j in observe() if j["metadata"]["labels"]["finesweep.io/stage"] == "sft"]:
+        assert time.time() < deadline, "the controller created no SFT Job"
+        time.sleep(1)
+    (first,) = pods(f"batch.kubernetes.io/job-name={CONTROLLER}")
+    deleted_at = time.time()
+    kubectl("delete", "pod", first["metadata"]["name"], "-n", NAMESPACE, "--wait=false")
+    takeover_s = None
+    while True:
+        observe()
+        running = [p for p in pods(f"batch.kubernetes.io/job-name={CONTROLLER}")
+                   if p["metadata"]["name"] != first["metadata"]["name"] and p["status"].get("phase") == "Running"]
+        if running:
+            takeover_s = time.time() - deleted_at
+            break
+        assert time.time() < deleted_at + 300, "no replacement controller pod within 300s"
+        time.sleep(1)
+    print(f"controller takeover: a new pod running {takeover_s:.1f}s after the old one was deleted")
+
+    deadline = time.time() + 1800
+    while condition(controller_job()) is None:
+        observe()
+        assert time.time() < deadline, "the controller did not finish the pipeline in 1800s"
+        time.sleep(5)
+    observe()
+    controller_log = kubectl("logs", f"job/{CONTROLLER}", "-n", NAMESPACE).stdout
+    assert condition(controller_job()) == "Complete", controller_log[-4000:]
     store = store_of(release)
     plans = load_plan("jobs/smoke.yaml", store, allow_unresolved=True)
     resolve_recorded_starts(plans, store)
     specs = [s for plan in plans for s in plan.all_specs()]
-    done = wait_jobs_complete(MANAGED, expected=len(specs), timeout=1500)
-    print(f"smoke pipeline on the cluster: {len(done)} Jobs complete in {time.time() - started:.0f}s")
-    return proc.stdout + proc.stderr, plans, store
+    done = wait_jobs_complete(TRIALS, expected=len(specs), timeout=60)
+    print(f"smoke pipeline on the cluster: {len(done)} Jobs complete in {time.time() - started:.0f}s; "
+          f"Jobs per trial: {sorted(len(v) for v in uids.values())}")
+    return {"output": proc.stdout + proc.stderr, "log": controller_log, "uids": uids}, plans, store
+
+
+def test_controller_log_shows_the_stages_and_the_selection(smoke):
+    figures, plans, _ = smoke
+    log = figures["log"]  # the replacement pod's log: it carried on from the store
+    for plan in plans:
+        assert f"sweep {plan.sweep.name} ({plan.sweep.stage})" in log, log[-4000:]
+        assert re.search(rf"sweep {plan.sweep.name} .*: selected \S+ \([\w-]+\): ", log), log[-4000:]
+        assert re.search(rf"sweep {plan.sweep.name} .*: settled", log), log[-4000:]
+    assert "smoke-sft:best = trial" in log and "pipeline finished" in log
+
+
+def test_takeover_created_every_trial_job_exactly_once(smoke):
+    figures, plans, store = smoke
+    from finesweep.store import read_status
+
+    for plan in plans:
+        for spec in plan.all_specs():
+            assert len(figures["uids"].get(spec.trial_id, ())) == 1, (spec.name, figures["uids"])
+            assert read_status(store, spec.sweep, spec.trial_id).attempt == 1, spec.name
+    for job in jobs():
+        assert job["metadata"]["labels"]["finesweep.io/attempt"] == "1"
 
 
 def test_smoke_pipeline_runs_as_jobs(smoke, release):
-    output, plans, store = smoke
+    figures, plans, store = smoke
     from finesweep.store import trial_state
 
     by_trial = {j["metadata"]["labels"]["finesweep.io/trial"]: j for j in jobs()}
@@ -104,7 +186,8 @@ def test_smoke_pipeline_runs_as_jobs(smoke, release):
             if spec.trains:
                 keys = store.list(f"{spec.sweep}/{spec.trial_id}/adapter")
                 assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
-    assert "smoke-sft" in output and "created job" in output
+    # The log is the replacement pod's (the first was deleted during SFT): it found the SFT Jobs, made the DPO ones.
+    assert "smoke-sft" in figures["log"] and "created job smoke-dpo-" in figures["log"]
 
 
 def test_trainer_progress_in_kubectl_logs(smoke):
@@ -149,8 +232,8 @@ def test_no_credential_in_anything_the_cluster_run_produced(smoke, release):
     submitter's output: none holds the S3 credentials or the submitter's token (Secrets themselves excepted)."""
     import base64
 
-    output, _, store = smoke
-    texts = {"submit output": output,
+    figures, _, store = smoke
+    texts = {"submit output": figures["output"], "controller log": figures["log"],
              "objects": kubectl("get", "jobs,configmaps,pods,events,serviceaccounts,roles", "-n", NAMESPACE,
                                 "-o", "yaml").stdout}
     for pod in pods(MANAGED):
@@ -169,10 +252,12 @@ def test_no_credential_in_anything_the_cluster_run_produced(smoke, release):
 
 
 def test_resubmit_creates_no_jobs(smoke, release):
+    """The finished controller is replaced (a resubmit runs the pipeline again); it finds every trial done."""
     before = sorted(j["metadata"]["uid"] for j in jobs())
-    out = submitter(release, "submit", "jobs/smoke.yaml", timeout=600).stdout
+    out = submitter(release, "submit", "jobs/smoke.yaml", "--wait", timeout=600).stdout
     after = sorted(j["metadata"]["uid"] for j in jobs())
     assert after == before
+    assert "replaced" in out and f"controller job {CONTROLLER} completed" in out, out[-3000:]
     _, plans, _ = smoke
     for plan in plans:
         for spec in plan.all_specs():
@@ -219,7 +304,7 @@ def test_pod_deleted_mid_run_is_retried_and_completes(smoke, release, tmp_path):
     sweep_file = tmp_path / "e2e-preempt.yaml"
     sweep_file.write_text(PREEMPT_SWEEP)
     submitter(release, "submit", str(sweep_file), timeout=600)
-    (job,) = jobs("finesweep.io/sweep=e2e-preempt,finesweep.io/stage=sft")
+    (job,) = appeared("finesweep.io/sweep=e2e-preempt,finesweep.io/stage=sft")
     name = job["metadata"]["name"]
 
     # Wait until training is under way but far from done, then delete the pod (as a node drain or a user would).
@@ -242,7 +327,7 @@ def test_pod_deleted_mid_run_is_retried_and_completes(smoke, release, tmp_path):
     assert at_step < total_steps - 20, f"training too fast to interrupt: step {at_step}/{total_steps}"
     kubectl("delete", "pod", first, "-n", NAMESPACE, "--wait=false")
 
-    (done,) = wait_jobs_complete(MANAGED, expected=1, timeout=900, field_selector=f"metadata.name={name}")
+    (done,) = wait_jobs_complete(TRIALS, expected=1, timeout=900, field_selector=f"metadata.name={name}")
     # Exit 143 after the checkpoint matches the podFailurePolicy's Ignore rule: not a counted failure.
     assert (done["status"].get("failed") or 0) == 0, done["status"]
     (second,) = [p for p in pods(f"batch.kubernetes.io/job-name={name}") if p["metadata"]["name"] != first]
@@ -268,7 +353,7 @@ def test_store_outage_during_a_cluster_trial_loses_nothing(smoke, release, minio
     sweep_file = tmp_path / "e2e-outage.yaml"
     sweep_file.write_text(OUTAGE_SWEEP)
     submitter(release, "submit", str(sweep_file), timeout=600)
-    (job,) = jobs("finesweep.io/sweep=e2e-outage,finesweep.io/stage=sft")
+    (job,) = appeared("finesweep.io/sweep=e2e-outage,finesweep.io/stage=sft")
     name = job["metadata"]["name"]
 
     def pod_logs() -> str:  # of every pod of the Job so far (one, unless the outage cost a pod)
@@ -293,7 +378,7 @@ def test_store_outage_during_a_cluster_trial_loses_nothing(smoke, release, minio
         minio_server.start()
     print(f"store outage: {time.time() - outage_started:.0f}s")
 
-    (done,) = wait_jobs_complete(MANAGED, expected=1, timeout=900, field_selector=f"metadata.name={name}")
+    (done,) = wait_jobs_complete(TRIALS, expected=1, timeout=900, field_selector=f"metadata.name={name}")
     assert (done["status"].get("failed") or 0) == 0, done["status"]
     store = store_of(release)
     trial_id = job["metadata"]["labels"]["finesweep.io/trial"]
@@ -303,11 +388,49 @@ def test_store_outage_during_a_cluster_trial_loses_nothing(smoke, release, minio
     assert store.read_json(f"e2e-outage/{trial_id}/eval.json")["summary"]
 
 
+CANCEL_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One SFT trial cancelled while it trains, then submitted again.",
+                                     name="e2e-cancel", epochs=2, trial="cancelled")
+
+
+def test_cancel_leaves_nothing_and_a_later_submit_resumes(smoke, release, tmp_path):
+    from finesweep.store import read_status
+
+    sweep_file = tmp_path / "e2e-cancel.yaml"
+    sweep_file.write_text(CANCEL_SWEEP)
+    submitter(release, "submit", str(sweep_file), timeout=120)
+    (job,) = appeared("finesweep.io/sweep=e2e-cancel")
+    trial_id = job["metadata"]["labels"]["finesweep.io/trial"]
+    out = submitter(release, "cancel", str(sweep_file), timeout=300).stdout
+    assert "controller job and its ConfigMap deleted" in out, out
+
+    # Nothing of the sweep is left: no controller, no trial Job, no pod (deleted in the background).
+    deadline = time.time() + 180
+    while pods("finesweep.io/sweep=e2e-cancel") or pods("batch.kubernetes.io/job-name=finesweep-controller-e2e-cancel"):
+        assert time.time() < deadline, "pods of the cancelled sweep are still there after 180s"
+        time.sleep(2)
+    assert jobs("finesweep.io/sweep=e2e-cancel") == [] and controller_job("finesweep-controller-e2e-cancel") is None
+    store = store_of(release)
+    assert read_status(store, "e2e-cancel", trial_id).state.value == "stopped"
+
+    # Submitted again: the same trial runs as the same attempt (a cancel is no failed attempt) and completes.
+    submitter(release, "submit", str(sweep_file), timeout=120)
+    (again,) = appeared("finesweep.io/sweep=e2e-cancel")
+    assert again["metadata"]["name"] == job["metadata"]["name"] and again["metadata"]["uid"] != job["metadata"]["uid"]
+    wait_jobs_complete(TRIALS, expected=1, timeout=900, field_selector=f"metadata.name={again['metadata']['name']}")
+    deadline = time.time() + 300
+    while condition(controller_job("finesweep-controller-e2e-cancel")) is None:
+        assert time.time() < deadline, "the resubmitted controller did not finish"
+        time.sleep(3)
+    assert condition(controller_job("finesweep-controller-e2e-cancel")) == "Complete"
+    status = read_status(store_of(release), "e2e-cancel", trial_id)
+    assert status.state.value == "done" and status.attempt == 1
+
+
 def test_trial_pods_ran_unprivileged(smoke):
     """What the kubelet ran, read back from the API: every trial container as uid 1000 (non-root), on a
     read-only root filesystem, no privilege escalation, no capabilities, no ServiceAccount token mounted; and
     these pods trained and evaluated under it (their Jobs completed)."""
-    ran = [p for p in pods(MANAGED) if p["status"].get("phase") == "Succeeded"]
+    ran = [p for p in pods(TRIALS) if p["status"].get("phase") == "Succeeded"]
     assert len(ran) >= 7, [p["metadata"]["name"] for p in ran]
     for pod in ran:
         spec, name = pod["spec"], pod["metadata"]["name"]
@@ -358,7 +481,8 @@ def test_out_of_memory_trial_fails_with_its_reason_in_status_and_report(cluster,
     deadline = time.time() + 600
     while True:
         found = jobs("finesweep.io/sweep=e2e-oom", namespace=OOM_NAMESPACE)
-        if found and all(condition(j) for j in found):
+        # The controller runs the base row, then the starved trial (max_parallel 1): wait for both Jobs.
+        if len(found) == 2 and all(condition(j) for j in found):
             break
         assert time.time() < deadline, [(j["metadata"]["name"], condition(j)) for j in found]
         time.sleep(3)

@@ -1,0 +1,237 @@
+"""`finesweep controller`: the pipeline loop of one sweep file, run inside the cluster as a Job.
+
+    finesweep controller --sweep-file /etc/finesweep/sweep.yaml --store s3://bucket/runs --namespace ns
+
+For each sweep of the file, in order: resolve its start point from the store once the previous sweep has
+settled (plan.resolve_start), create its trial Jobs under max_parallel (k8s_backend.submit, waiting for
+slots), wait until every trial has settled in the store (commands.wait_for_sweep, which records Jobs the
+cluster gave up on and selects the best), then write the sweep's report (evaluator.report: no torch).
+
+Takeover: everything the loop decides comes from the store and the API. Trial Jobs have deterministic names
+per trial and attempt and are created with a 409 meaning "exists", and the store records an attempt's Job
+name before the Job is created, so a replacement pod (its Job's podReplacementPolicy: Failed starts it only
+once the old pod is gone) finds what its predecessor made and never creates a trial's Job twice.
+
+A search sweep (`search:`) runs submitter/search_loop.run_search with K8sSearchBackend: a trial is scheduled
+by creating its current attempt's Job (idempotently, by name), pruning is a stop request in the store, and the
+loop's wait polls the cluster for Jobs it gave up on; then search_loop.finish selects and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from finesweep.store import ArtifactStore, read_status
+
+from .plan import BEST, SweepPlan, load_plan, resolve_start
+
+log = logging.getLogger("finesweep")
+
+
+def controller(args, store: ArtifactStore) -> int:
+    """The command: 0 when every trial of every sweep is done, 1 when some failed or the sweep was cancelled."""
+    from . import k8s_backend
+    from .commands import k8s_overrides
+
+    settings = k8s_backend.load_settings(k8s_overrides(args))
+    k8s_backend.check_store_url(args.store, dry_run=False)
+    started = time.time()
+    plans = load_plan(args.sweep_file, store, allow_unresolved=True)
+    log.info("controller: pipeline %s, %d sweep(s): %s; store %s, namespace %s", args.sweep_file, len(plans),
+             ", ".join(f"{p.sweep.name} ({p.sweep.stage})" for p in plans), args.store, settings.namespace)
+    failed = 0
+    for i, plan in enumerate(plans, 1):
+        stage = f"[{i}/{len(plans)}] sweep {plan.sweep.name} ({plan.sweep.stage})"
+        outage_since = None
+        while True:
+            try:
+                result = _run_sweep(stage, plan, store, args, settings)
+                break
+            except Exception as err:  # noqa: BLE001 - only a store or API outage is waited out, see _transient
+                if not _transient(err):
+                    raise
+                # Every step is idempotent (Jobs by name, state in the store): start the sweep's step again.
+                outage_since = outage_since or time.time()
+                if time.time() - outage_since > OUTAGE_LIMIT_S:
+                    raise
+                log.warning("%s: store or API unreachable (%s: %s); retrying in %.0fs", stage, type(err).__name__,
+                            str(err)[:200], settings.poll_seconds)
+                time.sleep(settings.poll_seconds)
+        if result is None:
+            return 1
+        failed += result
+    log.info("controller: pipeline finished in %.1f min%s", (time.time() - started) / 60,
+             f"; {failed} trial(s) failed (resubmit to retry them)" if failed else "; every trial done")
+    return 1 if failed else 0
+
+
+# A store or API server down for longer than this ends the controller (exit 2 via the CLI); its Job's next
+# pod, or a resubmit, carries on from the store.
+OUTAGE_LIMIT_S = 3600.0
+
+
+def _transient(err: Exception) -> bool:
+    from finesweep.store import StoreError
+
+    module = type(err).__module__
+    if module.startswith("kubernetes.client"):  # the API answered: only overload and server errors pass
+        status = getattr(err, "status", 0) or 0
+        return status == 0 or status == 429 or status >= 500
+    return isinstance(err, (StoreError, ConnectionError, TimeoutError)) or module.startswith(
+        ("botocore", "boto3", "urllib3"))
+
+
+def _run_sweep(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int | None:
+    """One sweep to its end: the number of failed trials, or None when it was cancelled."""
+    from . import k8s_backend
+    from .commands import SweepStopped, record_cluster_failures, wait_for_sweep
+
+    from evaluator.report import build_report
+
+    if not plan.resolved:
+        # The previous sweep settled and recorded its best (the loop below waited for it).
+        plan.start = resolve_start(plan.sweep, store)
+        log.info("%s: starts from %s = trial %s", stage, plan.sweep.start_from, plan.start.trial_id)
+    if plan.sweep.search is not None:
+        return _run_search(stage, plan, store, args, settings)
+    specs = plan.all_specs()
+    log.info("%s: %d trial(s), at most %d at a time", stage, len(specs), plan.sweep.max_parallel)
+    created = k8s_backend.submit(plan.sweep, specs, args.store, settings, dry_run=False,
+                                 max_attempts=args.max_attempts, out=_LogWriter(stage))
+    log.info("%s: every trial has its Job (%d created now); waiting for them to settle", stage, len(created))
+    watcher = _StateWatcher(stage, plan, store)
+
+    def poll(plan: SweepPlan = plan, watcher: _StateWatcher = watcher) -> None:
+        record_cluster_failures(plan, store, k8s_backend.status(plan.sweep.name, settings))
+        watcher.log_changes()
+
+    try:
+        wait_for_sweep(plan, store, poll_s=settings.poll_seconds, on_poll=poll)
+    except SweepStopped as exc:
+        log.error("%s: %s", stage, exc)
+        return None
+    watcher.log_changes()
+    counts = Counter(read_status(store, s.sweep, s.trial_id).state.value for s in specs)
+    _log_selection(stage, plan, store)
+    build_report(store, plan.sweep, specs)
+    log.info("%s: settled (%s); report at %s/%s/report/report.md", stage,
+             ", ".join(f"{n} {state}" for state, n in sorted(counts.items())), args.store, plan.sweep.name)
+    return counts.get("failed", 0)
+
+
+def _run_search(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int:
+    """A search sweep: the shared loop with Jobs as its backend, then best and report. Returns failed trials."""
+    from .search_loop import finish, run_search
+
+    log.info("%s: search, %d trial(s) at a time", stage, plan.sweep.search.parallel)
+    backend = K8sSearchBackend(store, args.store, settings, args.max_attempts, stage)
+    counts = run_search(plan.sweep, store, backend, plan.start, poll_s=settings.poll_seconds)
+    finish(plan.sweep, store, plan.start)
+    _log_selection(stage, plan, store)
+    log.info("%s: settled (%d complete, %d pruned, %d failed); report at %s/%s/report/report.md", stage,
+             counts["complete"], counts["pruned"], counts["fail"], args.store, plan.sweep.name)
+    return counts["fail"]
+
+
+class K8sSearchBackend:
+    """search_loop.Backend on Kubernetes: one Job per trial and attempt, created only once (its name is
+    deterministic and the store records the attempt's Job name before the Job exists, so a replacement
+    controller creates the Job its predecessor may not have, and never a second one)."""
+
+    name = "k8s"
+
+    def __init__(self, store: ArtifactStore, store_url: str, settings, max_attempts: int, stage: str = ""):
+        from . import k8s_backend
+
+        self.store, self.store_url, self.max_attempts, self.stage = store, store_url, max_attempts, stage
+        self.batch, self.core = k8s_backend._clients(settings)
+        if settings.use_cluster_defaults:
+            settings = k8s_backend.with_cluster_defaults(settings, self.core)
+        self.settings = settings
+        self.scheduled: dict[str, object] = {}
+
+    def schedule(self, spec) -> None:
+        from finesweep.store import SETTLED, start_attempt
+
+        from . import k8s_backend
+        from .k8s_manifests import job_name
+
+        self.scheduled[spec.trial_id] = spec
+        status = read_status(self.store, spec.sweep, spec.trial_id)
+        if status.state in SETTLED:
+            return
+        if status.attempt == 0:  # never started: record attempt 1 and its Job name first
+            status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name, job=job_name(spec, 1))
+        attempt = max(status.attempt, 1)
+        name = job_name(spec, attempt)
+        created = k8s_backend._create_trial(self.batch, self.core, spec, self.settings, self.store_url, attempt)
+        log.info("%s: trial %s (%s): %s job %s", self.stage, spec.name, spec.trial_id,
+                 "created" if created else "exists,", name)
+
+    def request_stop(self, spec, examples: int, value: float) -> None:
+        from .search_loop import request_stop_in_store
+
+        request_stop_in_store(self.store, spec, examples, value)
+
+    def wait(self, seconds: float) -> None:
+        from . import k8s_backend
+
+        time.sleep(seconds)
+        if self.scheduled:  # Jobs the cluster gave up on: their failure settles the trial for the search
+            sweep = next(iter(self.scheduled.values())).sweep
+            k8s_backend.record_job_failures(self.store, list(self.scheduled.values()),
+                                            k8s_backend.status(sweep, self.settings))
+
+
+def _log_selection(stage: str, plan: SweepPlan, store: ArtifactStore) -> None:
+    """Which trial is best and why, from best.json (select_best already logged the figures)."""
+    from finesweep.store import StoreError
+
+    try:
+        best = store.read_json(f"{plan.sweep.name}/{BEST}")
+    except StoreError:
+        log.warning("%s: no best trial recorded (no eligible trial)", stage)
+        return
+    tie = best.get("tie_break") or {}
+    why = (f"tied with {', '.join(t for t in best.get('tied', []) if t != best.get('name'))}; "
+           f"tie broken by {tie['decided_by']}" if tie.get("decided_by") else "no tie")
+    log.info("%s: selected %s (%s): %s = %s (%s)", stage, best.get("name"), best.get("trial_id"),
+             best.get("metric"), best.get("value"), why)
+
+
+class _StateWatcher:
+    """Logs each trial's state changes as the store records them (pending -> running -> done/failed)."""
+
+    def __init__(self, stage: str, plan: SweepPlan, store: ArtifactStore):
+        self.stage, self.plan, self.store = stage, plan, store
+        self.seen: dict[str, str] = {}
+
+    def log_changes(self) -> None:
+        for spec in self.plan.all_specs():
+            st = read_status(self.store, spec.sweep, spec.trial_id)
+            state = st.state.value + (f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else "")
+            if self.seen.get(spec.trial_id) != state:
+                note = f": {st.failure.phase}: {st.failure.reason}" if st.failure is not None else ""
+                log.info("%s: trial %s (%s) %s -> %s%s", self.stage, spec.name, spec.trial_id,
+                         self.seen.get(spec.trial_id, "new"), state, note)
+                self.seen[spec.trial_id] = state
+
+
+class _LogWriter:
+    """A text stream for k8s_backend.submit's progress lines that turns each into a log line of the stage."""
+
+    def __init__(self, stage: str):
+        self.stage, self.buffer = stage, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            if line.strip():
+                log.info("%s: %s", self.stage, line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
