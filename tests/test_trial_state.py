@@ -91,7 +91,7 @@ def test_local_resubmit_reruns_exactly_the_failed_trials_up_to_the_limit(store, 
     runs: list[tuple[str, str]] = []
     outcome = {"flaky_exit": 1}
 
-    def fake_phase(module, spec, store_, url):
+    def fake_phase(module, spec, store_, url, extra_env=None):
         runs.append((module, spec.trial_id))
         prefix = st.trial_prefix(spec.sweep, spec.trial_id)
         if spec.trial_id == flaky.trial_id and module == "trainer" and outcome["flaky_exit"]:
