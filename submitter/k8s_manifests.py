@@ -311,12 +311,15 @@ def configmap_name(spec: TrialSpec, attempt: int = 1) -> str:
     return f"{job_name(spec, attempt)}-spec"
 
 
+def _app_labels(component: str) -> dict[str, str]:
+    """The app.kubernetes.io labels every object finesweep creates carries."""
+    return {LABEL_NAME: "finesweep", LABEL_COMPONENT: component, LABEL_PART_OF: "finesweep",
+            LABEL_MANAGED_BY: MANAGED_BY}
+
+
 def trial_labels(spec: TrialSpec) -> dict[str, str]:
     return {
-        LABEL_NAME: "finesweep",
-        LABEL_COMPONENT: "trial",
-        LABEL_PART_OF: "finesweep",
-        LABEL_MANAGED_BY: MANAGED_BY,
+        **_app_labels("trial"),
         LABEL_SWEEP: _label_value(spec.sweep),
         LABEL_TRIAL: spec.trial_id,
         LABEL_STAGE: spec.stage,
@@ -486,13 +489,7 @@ def controller_name(pipeline: str) -> str:
 
 
 def controller_labels(pipeline: str) -> dict[str, str]:
-    return {
-        LABEL_NAME: "finesweep",
-        LABEL_COMPONENT: "controller",
-        LABEL_PART_OF: "finesweep",
-        LABEL_MANAGED_BY: MANAGED_BY,
-        LABEL_PIPELINE: _label_value(pipeline),
-    }
+    return {**_app_labels("controller"), LABEL_PIPELINE: _label_value(pipeline)}
 
 
 def controller_configmap(pipeline: str, sweep_text: str, settings: ClusterSettings) -> dict:
