@@ -215,9 +215,12 @@ def check_one_at_a_time(timeline: list[tuple[float, dict]]) -> None:
                if "second" in snap and snap["second"]["workload"] and first_unsuspended <= t < first_done
                and snap["second"]["suspended"]]
     assert waiting, "the second Job's Workload was never seen pending while the first ran"
-    reserved = cond(waiting[-1], "QuotaReserved")
-    assert reserved and reserved["status"] == "False" and "insufficient" in reserved.get("message", "").lower(), (
-        f"the second Workload waited, but not for quota: {reserved}")
+    # Any of those snapshots will do: the last one may fall between Kueue releasing the first's quota (its
+    # Workload Finished) and the first Job's Complete condition, when the second already holds quota but is
+    # still suspended.
+    reservations = [cond(wl, "QuotaReserved") for wl in waiting]
+    assert any(r and r["status"] == "False" and "insufficient" in r.get("message", "").lower()
+               for r in reservations), f"the second Workload waited, but not for quota: {reservations}"
     # Kueue's own record agrees with what was observed: quota for the second was reserved after the first
     # finished (timestamps have one-second resolution, hence <=).
     first_finished = cond(final["first"]["workload"], "Finished")["lastTransitionTime"]
