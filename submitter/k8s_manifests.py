@@ -77,6 +77,9 @@ class ClusterSettings:
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     gpus_per_trial: int = 1
+    # Processes per trial pod on nodes without a GPU (CPU pools, the offline cluster): finesweep-train launches
+    # that many data-parallel ranks as it does one per GPU. Ignored (must stay 1) when gpus_per_trial > 0.
+    processes_per_trial: int = 1
     gpu_resource_name: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = field(
         default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"})
@@ -130,6 +133,7 @@ SETTINGS_PATHS: dict[str, str] = {
     "image_pull_policy": "images.pullPolicy",
     "image_pull_secrets": "images.pullSecrets",
     "gpus_per_trial": "jobs.gpusPerTrial",
+    "processes_per_trial": "jobs.processesPerTrial",
     "gpu_resource_name": "jobs.gpuResourceName",
     "node_selector": "jobs.nodeSelector",
     "tolerations": "jobs.tolerations",
@@ -255,6 +259,12 @@ def check_settings(settings: ClusterSettings) -> None:
             "(e.g. finesweep)")
     if not isinstance(settings.gpus_per_trial, int) or settings.gpus_per_trial < 0:
         bad("gpus_per_trial", f"{settings.gpus_per_trial!r} is not a GPU count (0 or more)")
+    if not isinstance(settings.processes_per_trial, int) or settings.processes_per_trial < 1:
+        bad("processes_per_trial", f"{settings.processes_per_trial!r} is not a process count (1 or more)")
+    elif settings.processes_per_trial > 1 and settings.gpus_per_trial > 0:
+        bad("processes_per_trial", f"is {settings.processes_per_trial} with {settings.gpus_per_trial} GPU(s) per "
+            "trial; with GPUs a trial runs one process per GPU",
+            "set jobs.processesPerTrial to 1 (it is for nodes without a GPU)")
     for name in ("trainer_image", "evaluator_image", "controller_image"):
         image = getattr(settings, name)
         untagged = ":" not in image.rsplit("/", 1)[-1] and "@" not in image
@@ -619,7 +629,7 @@ def _container(name: str, image: str, command: str, spec: TrialSpec, settings: C
         # `args`, not `command`: the images' ENTRYPOINT is tini, which forwards SIGTERM to the trainer so it can
         # checkpoint and exit 143 (PREEMPTED); `command` would replace tini.
         "args": [command, "--spec", SPEC_PATH, "--store", store_url],
-        "env": _env(spec, settings),
+        "env": _env(name, spec, settings),
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -640,7 +650,7 @@ def _container(name: str, image: str, command: str, spec: TrialSpec, settings: C
     return container
 
 
-def _env(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
+def _env(container: str, spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
     def secret(env_name: str, secret_name: str, key: str, optional: bool = False) -> dict:
         ref: dict[str, Any] = {"name": secret_name, "key": key}
         if optional:
@@ -663,6 +673,10 @@ def _env(spec: TrialSpec, settings: ClusterSettings) -> list[dict]:
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # logs reach `kubectl logs` as they happen
     ]
+    if container == TRAIN_CONTAINER and settings.gpus_per_trial == 0 and settings.processes_per_trial > 1:
+        # images/bin/finesweep-train launches this many ranks (accelerate, gloo) as it would one per GPU; the
+        # evaluator always runs one process.
+        env.append({"name": "FINESWEEP_PROCESSES", "value": str(settings.processes_per_trial)})
     if settings.gpus_per_trial == 0:
         # Where the NVIDIA runtime is the node default it would otherwise expose every GPU to a pod that
         # asked for none; "void" is the device plugin's documented way to get none.
@@ -721,7 +735,8 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-_FIELD_KINDS = {name: "whole number" for name in ("gpus_per_trial", "backoff_limit", "termination_grace_period_seconds",
+_FIELD_KINDS = {name: "whole number" for name in ("gpus_per_trial", "processes_per_trial", "backoff_limit",
+                                                 "termination_grace_period_seconds",
                                                  "run_as_user", "run_as_group", "fs_group", "active_deadline_seconds",
                                                  "ttl_seconds_after_finished")} | {"poll_seconds": "number"}
 
@@ -731,7 +746,8 @@ def _as_field_type(name: str, value: Any) -> Any:
         return tuple(value or ())
     if name in ("node_selector", "resources"):
         return dict(value or {})
-    if name in ("gpus_per_trial", "backoff_limit", "termination_grace_period_seconds", "run_as_user",
+    if name in ("gpus_per_trial", "processes_per_trial", "backoff_limit", "termination_grace_period_seconds",
+                "run_as_user",
                 "run_as_group", "fs_group"):
         return int(value)
     if name == "active_deadline_seconds":

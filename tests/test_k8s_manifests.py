@@ -204,6 +204,26 @@ def test_gpu_limits_and_pool(example_sweeps, gpus):
         assert "nvidia.com/gpu" not in yaml.safe_dump_all(manifests)
 
 
+def test_processes_per_trial_without_gpus(example_sweeps):
+    """jobs.processesPerTrial reaches the train container as FINESWEEP_PROCESSES (finesweep-train launches that
+    many ranks); the eval container runs one process; the default (1) sets nothing; with GPUs it is refused."""
+    trials, trained = trials_of(example_sweeps[0]), 0
+    for processes, expected in ((2, "2"), (1, None)):
+        settings = k8s_backend.load_settings({"gpus_per_trial": 0, "jobs.processesPerTrial": processes})
+        for job in jobs_of(km.sweep_manifests(trials, settings, STORE_URL)):
+            by_name = {c["name"]: {e["name"]: e.get("value") for e in c["env"]} for c in pod_containers(job)}
+            assert "FINESWEEP_PROCESSES" not in by_name[km.EVAL_CONTAINER]
+            if km.TRAIN_CONTAINER in by_name:  # a baseline trial only evaluates
+                assert by_name[km.TRAIN_CONTAINER].get("FINESWEEP_PROCESSES") == expected
+                trained += 1
+    assert trained
+    with pytest.raises(km.SettingsError, match=r"processes_per_trial \(jobs.processesPerTrial\).*one process per "
+                                               r"GPU.*Fix: set jobs.processesPerTrial to 1"):
+        k8s_backend.load_settings({"gpus_per_trial": 2, "processes_per_trial": 2})
+    with pytest.raises(km.SettingsError, match=r"processes_per_trial.*0 is not a process count"):
+        k8s_backend.load_settings({"gpus_per_trial": 0, "processes_per_trial": 0})
+
+
 def test_pod_failure_policy_and_retries(example_sweeps, settings):
     for job in jobs_of(km.sweep_manifests(trials_of(example_sweeps[1]), settings, STORE_URL)):
         spec = job["spec"]
