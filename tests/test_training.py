@@ -104,6 +104,33 @@ def test_sft_memorises_and_changes_the_adapter(sft_trained):
     assert record["versions"]["trl"] and record["trainable_params"] > 0 and record["steps"] == 20
 
 
+def test_a_trained_trial_is_skipped_unless_its_stored_adapter_is_damaged(sft_trained, tmp_path, caplog):
+    """`python -m trainer` on a trial the store holds skips it; once the adapter no longer matches its _TRAINED
+    checksum (what made the evaluation fail), a retried attempt trains it again and the store verifies."""
+    import shutil
+
+    from finesweep import exitcodes
+    from trainer.__main__ import train as train_command
+
+    spec, store, _, _, _ = sft_trained
+    copy = LocalStore(shutil.copytree(store.root, tmp_path / "store"))
+    adapter = f"{spec.sweep}/{spec.trial_id}/adapter/adapter_model.safetensors"
+    before = copy.read_bytes(adapter)
+    with caplog.at_level("INFO", logger="finesweep"):
+        assert train_command(spec, copy, force=False) == exitcodes.OK
+    assert "already trained" in caplog.text and copy.read_bytes(adapter) == before
+
+    caplog.clear()
+    copy.write_bytes(adapter, before[: len(before) // 2])  # cut short, as a broken upload or a bad disk would
+    with pytest.raises(Exception, match="checksum differs"):
+        copy.verify_marker(f"{spec.sweep}/{spec.trial_id}/{TRAINED}")
+    with caplog.at_level("INFO", logger="finesweep"):
+        assert train_command(spec, copy, force=False) == exitcodes.OK
+    assert "fails its _TRAINED checksums" in caplog.text and "training again" in caplog.text
+    marker = copy.verify_marker(f"{spec.sweep}/{spec.trial_id}/{TRAINED}")
+    assert adapter in marker["files"] and len(copy.read_bytes(adapter)) == len(before)
+
+
 def test_gradient_checkpointing_still_trains_the_adapter(tiny_model, tmp_path):
     trial = {**MEMORISE, "epochs": 6, "gradient_checkpointing": "on"}
     spec = sweep_spec(tiny_model, "sft", trial, str(DATA / "instructions-local" / "train.jsonl"), "instruction")
