@@ -510,15 +510,28 @@ def job_row(job: dict, pod: dict | None) -> dict:
 
 
 def _failed_container(pod: dict) -> tuple[str, int | None]:
-    """(`train: OOMKilled (exit 137)`, 137) for the first container of the pod that ended badly, else ("", None)."""
+    """(`train: OOMKilled (exit 137)`, 137) for the first container of the pod that ended badly, else ("", None).
+    With the container's last log line when the kubelet kept it (terminationMessagePolicy FallbackToLogsOnError):
+    `eval: Error (exit 3): ... configuration error: ...: checksum differs from marker ...`."""
     status_ = pod.get("status") or {}
     for container in (status_.get("initContainerStatuses") or []) + (status_.get("containerStatuses") or []):
         ended = (container.get("state") or {}).get("terminated") or \
             (container.get("lastState") or {}).get("terminated") or {}
         if ended.get("exitCode") not in (None, 0):
             code = ended["exitCode"]
-            return f"{container['name']}: {ended.get('reason') or 'Error'} (exit {code})", code
+            reason = f"{container['name']}: {ended.get('reason') or 'Error'} (exit {code})"
+            last = _last_error_line(ended.get("message") or "")
+            return (f"{reason}: {last}" if last else reason), code
     return "", None
+
+
+def _last_error_line(message: str, limit: int = 400) -> str:
+    """The line of a termination message that says what went wrong: the last one naming an error, else the last
+    line (a Python traceback ends with the exception; the trainer logs the error before it)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    named = [line for line in lines if "ERROR" in line or "Error" in line]
+    line = (named or lines or [""])[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _pod_phase(pod: dict) -> tuple[str, str]:

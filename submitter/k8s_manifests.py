@@ -629,6 +629,10 @@ def _container(name: str, image: str, command: str, spec: TrialSpec, settings: C
         # `args`, not `command`: the images' ENTRYPOINT is tini, which forwards SIGTERM to the trainer so it can
         # checkpoint and exit 143 (PREEMPTED); `command` would replace tini.
         "args": [command, "--spec", SPEC_PATH, "--store", store_url],
+        # A container that fails without writing /dev/termination-log gets the tail of its log as its
+        # termination message: the trainer's and evaluator's last line names the error (under several
+        # processes, the first rank's), which becomes the trial's failure reason (k8s_backend._failed_container).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": _env(name, spec, settings),
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},

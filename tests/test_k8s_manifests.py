@@ -691,6 +691,26 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     assert row["attempt"] == 1
 
 
+def test_failure_reason_carries_the_containers_last_error_line(example_sweeps):
+    """terminationMessagePolicy FallbackToLogsOnError: the kubelet keeps a failed container's log tail as its
+    termination message; the failure reason quotes the line naming the error, not the traceback around it."""
+    log_tail = ("INFO step 8/8 (100%) loss 9.1\n"
+                "2026-12-02 01:00:00 ERROR [e2e/damaged 0123] configuration error: s3://b/p/adapter_model.safetensors:"
+                " checksum differs from marker _TRAINED\n")
+    pod = {"status": {"containerStatuses": [{"name": "eval", "state": {"terminated": {
+        "exitCode": 3, "reason": "Error", "message": log_tail}}}]}}
+    reason, code = k8s_backend._failed_container(pod)
+    assert code == 3 and reason.startswith("eval: Error (exit 3): ") and reason.endswith(
+        "checksum differs from marker _TRAINED"), reason
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: " + "x" * 900
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = traceback
+    reason, _ = k8s_backend._failed_container(pod)
+    assert "RuntimeError: xxx" in reason and reason.endswith("...") and len(reason) < 450
+    for job in jobs_of(km.sweep_manifests(trials_of(example_sweeps[0]), k8s_backend.load_settings({}), STORE_URL)):
+        for container in pod_containers(job):
+            assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster, local_store, example_sweeps,
                                                                      settings):
     """An OOMKilled pod cannot write its own _FAILED marker: the submitter writes it, so status, report and a
