@@ -115,7 +115,8 @@ class ClusterSettings:
     controller_service_account: str = "finesweep"
     controller_api_server: str = ""
     # Submitter behaviour, not part of any manifest.
-    poll_seconds: float = 15.0  # how often submit re-checks running Jobs while it waits for a free slot
+    # How often the controller (and a waiting submit) re-checks trial Jobs, search progress and pruning.
+    poll_seconds: float = 15.0
     wait_for_slots: bool = True  # False: submit returns after the first max_parallel Jobs (re-run to continue)
     use_cluster_defaults: bool = True  # submit/status read the finesweep-defaults ConfigMap first
     # The overrides given to load_settings, kept so cluster defaults can be layered underneath them later.
@@ -164,7 +165,7 @@ SETTINGS_PATHS: dict[str, str] = {
     "s3_secret_access_key_key": "s3.secretAccessKeyKey",
     "controller_service_account": "controller.serviceAccountName",
     "controller_api_server": "controller.apiServer",
-    "poll_seconds": "submitter.pollSeconds",
+    "poll_seconds": "controller.pollSeconds",
     "wait_for_slots": "submitter.waitForSlots",
     "use_cluster_defaults": "submitter.useClusterDefaults",
 }
@@ -214,6 +215,7 @@ def resolved_defaults(values: dict, namespace: str = "finesweep", release: str =
             "serviceAccountName": (values["serviceAccount"].get("name") or fullname)
             if values["serviceAccount"].get("create", True) else (values["serviceAccount"].get("name") or "default"),
             "apiServer": (values.get("controller") or {}).get("apiServer", ""),
+            "pollSeconds": (values.get("controller") or {}).get("pollSeconds") or 15,
         },
     }
 

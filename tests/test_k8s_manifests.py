@@ -1137,3 +1137,13 @@ def test_controller_waits_out_a_store_outage_and_not_a_bug(monkeypatch, tmp_path
     monkeypatch.setattr(ctl, "_run_sweep", bug)
     with pytest.raises(KeyError):
         main(argv)
+
+
+def test_controller_poll_interval_comes_from_the_chart():
+    """controller.pollSeconds (values.yaml, the finesweep-defaults ConfigMap) sets how often the controller looks
+    at its trials: how soon a pruning decision reaches a trial."""
+    assert km.settings_from_defaults({"controller": {"pollSeconds": 2}}).poll_seconds == 2.0
+    values = yaml.safe_load((ROOT / "charts" / "finesweep" / "values.yaml").read_text())
+    assert km.resolved_defaults(values)["controller"]["pollSeconds"] == km.ClusterSettings().poll_seconds
+    with pytest.raises(km.SettingsError, match=r"poll_seconds \(controller.pollSeconds\)"):
+        km.settings_from_defaults({"controller": {"pollSeconds": "soon"}})
