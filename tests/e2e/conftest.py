@@ -99,7 +99,8 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
                    "evaluator": {"repository": evaluator_repo, "tag": evaluator_tag},
                    "controller": {"repository": controller_repo, "tag": controller_tag}},
         # No kube-proxy: the controller pod (host network) reaches the API server where the node does.
-        "controller": {"apiServer": cluster_entry["server"]},
+        # A tiny trial trains for seconds: the controller looks often enough for a pruning decision to land.
+        "controller": {"apiServer": cluster_entry["server"], "pollSeconds": 2},
         "s3": {"endpoint": minio.endpoint, "bucket": BUCKET, "existingSecret": "e2e-s3"},
         "jobs": {
             "gpusPerTrial": 0,

@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+import yaml
 
 from tests.e2e.conftest import (NAMESPACE, OOM_NAMESPACE, RELEASE, ROOT, helm, install_release, kubectl,
                                 submitter)
@@ -38,8 +39,8 @@ def appeared(selector: str, timeout: float = 300) -> list[dict]:
     return found
 
 
-def controller_job(name: str = CONTROLLER) -> dict | None:
-    found = jobs(f"{MANAGED},app.kubernetes.io/component=controller", f"metadata.name={name}")
+def controller_job(name: str = CONTROLLER, namespace: str = NAMESPACE) -> dict | None:
+    found = jobs(f"{MANAGED},app.kubernetes.io/component=controller", f"metadata.name={name}", namespace)
     return found[0] if found else None
 
 
@@ -424,6 +425,55 @@ def test_cancel_leaves_nothing_and_a_later_submit_resumes(smoke, release, tmp_pa
     assert condition(controller_job("finesweep-controller-e2e-cancel")) == "Complete"
     status = read_status(store_of(release), "e2e-cancel", trial_id)
     assert status.state.value == "done" and status.attempt == 1
+
+
+def search_sweep_text() -> str:
+    """jobs/smoke-search.yaml with longer trials (40 steps: a pruning decision has many evaluations to land at,
+    whatever the controller's poll and the pod's speed) and a budget of 4 trials, as sweep e2e-search."""
+    raw = yaml.safe_load((ROOT / "jobs" / "smoke-search.yaml").read_text())
+    raw["name"] = "e2e-search"
+    raw["defaults"]["max_steps"] = 40
+    raw["search"]["budget"] = 4
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def test_search_sweep_prunes_in_pods_two_at_a_time(release, tmp_path):
+    """A search with successive halving through the controller: trial Jobs two at a time, the lr 1e-6 trial (or
+    another loser at a rung) pruned inside its pod by a stop request in the store, decisions in `kubectl logs`,
+    pruned trials marked in the report."""
+    from finesweep.store import read_progress, read_status
+
+    sweep_file = tmp_path / "e2e-search.yaml"
+    sweep_file.write_text(search_sweep_text())
+    submitter(release, "submit", str(sweep_file), timeout=120)
+    controller = "finesweep-controller-e2e-search"
+    in_flight, seen = 0, {}
+    deadline = time.time() + 1200
+    while condition(controller_job(controller) or {}) is None:
+        found = jobs("finesweep.io/sweep=e2e-search,finesweep.io/stage=sft")
+        seen.update({j["metadata"]["uid"]: j for j in found})
+        in_flight = max(in_flight, sum(1 for j in found if (j["status"].get("active") or 0)))
+        assert time.time() < deadline, "the search did not finish within 1200s"
+        time.sleep(1)
+    log = kubectl("logs", f"job/{controller}", "-n", NAMESPACE).stdout
+    assert condition(controller_job(controller)) == "Complete", log[-4000:]
+    assert in_flight == 2, f"at most and at some point two trial Jobs at once (search.parallel 2): {in_flight}"
+
+    store = store_of(release)
+    trial_ids = {j["metadata"]["labels"]["finesweep.io/trial"]: j["metadata"]["name"] for j in seen.values()}
+    states = {tid: read_status(store, "e2e-search", tid).state.value for tid in trial_ids}
+    pruned = [tid for tid, state in states.items() if state == "pruned"]
+    assert len(trial_ids) == 4 and pruned and set(states.values()) <= {"done", "pruned"}, states
+    for tid in pruned:
+        progress = read_progress(store, "e2e-search", tid)
+        assert progress["stopped"]["reason"] == "pruned" and progress["stopped"]["step"] < 40, progress["stopped"]
+        train_log = kubectl("logs", f"job/{trial_ids[tid]}", "-n", NAMESPACE, "-c", "train").stdout
+        assert "stop requested by the search: pruned" in train_log, train_log[-3000:]
+    assert re.search(r"search e2e-search: pruning \S+ \(\S+\) at \d+ examples: heldout_loss", log), log[-4000:]
+    assert re.search(rf"settled \(\d+ complete, {len(pruned)} pruned, 0 failed\)", log), log[-4000:]
+    report = store.read_bytes("e2e-search/report/report.md").decode()
+    assert "## Search" in report and "pruned (ineligible)" in report, report[:3000]
+    print(f"search on the cluster: {len(trial_ids)} trials, {len(pruned)} pruned, at most {in_flight} at once")
 
 
 def test_trial_pods_ran_unprivileged(smoke):
