@@ -1,4 +1,5 @@
 """finesweep {submit,status,logs,report,cancel} SWEEP [options]   (also: python -m submitter ...)
+finesweep stage SOURCE... --store STORE; finesweep export SWEEP [TRIAL|best] --store STORE --out DIR
 
 SWEEP is a name under ./jobs (smoke, sft, dpo, ...) or a path to a YAML file. The whole file is validated
 before anything runs or is submitted. STORE is a folder (default: artifacts) or s3://bucket/prefix.
@@ -61,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trial", nargs="?", default="best", help="trial name or id, or best (default)")
     p.add_argument("--store", default="artifacts", help="folder or s3://bucket/prefix (default: artifacts)")
     p.add_argument("--out", required=True, help="folder to create, or s3://bucket/prefix")
+    p = sub.add_parser("stage", help="copy models and datasets into the store once, with checksums; trial pods "
+                       "then load them from there (finesweep/staging.py)",
+                       description="SOURCE is what a sweep names: a local folder or file, or a Hub id "
+                       "(snapshot_download at --revision). Staged again only when its files changed.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="model or dataset as the sweep names it")
+    p.add_argument("--store", default="artifacts", help="folder or s3://bucket/prefix (default: artifacts)")
+    p.add_argument("--kind", choices=("models", "datasets"), default=None,
+                   help="default: models for a folder with config.json or a Hub id, else datasets")
+    p.add_argument("--revision", default=None, help="Hub revision to pin (branch, tag or commit)")
     return parser
 
 
@@ -86,9 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = open_store(args.store)
         if args.command == "export":  # torch and transformers: the trainer's side, not the submitter's
+            from finesweep import staging
             from trainer.export import cli
 
+            staging.activate(store)  # a base model staged in the store loads from there
             return cli(args, store)
+        if args.command == "stage":
+            from finesweep.staging import StagingError, stage
+
+            try:
+                for source in args.sources:
+                    stage(store, source, args.kind, args.revision, say=log.info)
+            except StagingError as err:
+                log.error("stage: %s", err)
+                return 2
+            return 0
         if args.command == "controller":
             from .controller import controller
 

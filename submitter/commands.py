@@ -31,6 +31,11 @@ def submit(args, store: ArtifactStore) -> int:
         k8s_backend.check_store_url(args.store, dry_run)
     # k8s: the controller resolves start points as earlier sweeps finish, so they may be missing now.
     plans = load_plan(args.sweep, store, allow_unresolved=dry_run or args.backend == "k8s")
+    from .plan import describe_sources
+
+    for plan in plans:
+        for line in describe_sources(plan.sweep, store):
+            log.info("%s", line)
     if args.backend == "local":
         return _submit_local(args, plans, store)
     return _submit_k8s(args, plans, store, dry_run, settings)

@@ -60,7 +60,7 @@ def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None
     in_file = {s.name for s in sweeps}
     for i, sweep in enumerate(sweeps):
         where = f"pipeline[{i}]." if len(sweeps) > 1 else ""
-        preflight(sweep, where)
+        preflight(sweep, where, store)
         start = None
         if sweep.stage == "dpo" and sweep.start_sweep not in in_file:
             try:
@@ -82,13 +82,39 @@ def resolve_recorded_starts(plans: list[SweepPlan], store: ArtifactStore) -> Non
                 pass
 
 
-def preflight(sweep: Sweep, where: str = "") -> None:
-    """Checks that need the file system: local model and data paths, eval sets."""
+def sources(sweep: Sweep, store: ArtifactStore | None) -> list[tuple[str, str, dict | None]]:
+    """(kind, name, its _STAGED record or None) for the model and dataset a sweep loads."""
+    from finesweep import staging
+
+    needed = [("models", sweep.model), ("datasets", sweep.dataset.path)]
+    return [(kind, name, staging.marker(store, kind, name) if store is not None else None) for kind, name in needed]
+
+
+def describe_sources(sweep: Sweep, store: ArtifactStore) -> list[str]:
+    """The preflight's account of what a sweep loads and where from, one line each."""
+    lines = []
+    for kind, name, record in sources(sweep, store):
+        if record is not None:
+            where = f"staged in {store.url} ({len(record['files'])} files, {record.get('bytes', 0) / 1e6:.1f} MB" + \
+                (f", revision {record['revision']}" if record.get("revision") else "") + ")"
+        elif _looks_local(name):
+            where = "not staged: a local path, which trial pods must see (a volume), or `finesweep stage` it"
+        else:
+            where = "not staged: trial pods download it from the Hub (`finesweep stage` it for HF_HUB_OFFLINE=1)"
+        lines.append(f"sweep {sweep.name}: {kind[:-1]} {name}: {where}")
+    return lines
+
+
+def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> None:
+    """Checks that need the file system: local model and data paths (unless staged in the store), eval sets."""
     src = sweep.source
-    if _looks_local(sweep.model) and not _exists(sweep.model):
+    staged = {(kind, name) for kind, name, record in sources(sweep, store) if record is not None}
+    if _looks_local(sweep.model) and ("models", sweep.model) not in staged and not _exists(sweep.model):
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
-                         "build it (make tiny-model for build/tiny-llama) or name a Hub model id")
-    paths = [sweep.dataset.path] if _looks_local(sweep.dataset.path) else []
+                         "build it (make tiny-model for build/tiny-llama), stage it (finesweep stage), or name a "
+                         "Hub model id")
+    paths = [sweep.dataset.path] if _looks_local(sweep.dataset.path) and \
+        ("datasets", sweep.dataset.path) not in staged else []
     paths += list(sweep.dataset.data_files or [])
     for p in paths:
         if not _exists(p):

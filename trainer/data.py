@@ -141,8 +141,10 @@ def load_split(spec: DatasetSpec, split: str):
     go through read_local_json."""
     from datasets import load_dataset
 
+    from finesweep.staging import local_source
+
     kwargs: dict[str, Any] = {}
-    path = spec.path
+    path = local_source("datasets", spec.path)  # the store's staged copy when there is one
     local = Path(path)
     suffixes = "".join(local.suffixes[-2:])
     if local.is_file() and "json" in suffixes and not spec.data_files:

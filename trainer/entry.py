@@ -85,6 +85,7 @@ def run_trial_command(prog: str, doc: str, force_help: str, argv: list[str] | No
 
     from finesweep import exitcodes
     from finesweep.spec import SweepError, trial_from_dict
+    from finesweep import staging
     from finesweep.store import StoreError, open_store
 
     from .runtime import setup_logging
@@ -104,7 +105,9 @@ def run_trial_command(prog: str, doc: str, force_help: str, argv: list[str] | No
 
     code, error = exitcodes.FAILED, None
     try:
-        code = body(spec, open_store(args.store), args.force)
+        store = open_store(args.store)
+        staging.activate(store)  # models and datasets staged in this store load from there
+        code = body(spec, store, args.force)
         return code
     except (DatasetError, AdapterError, StoreError, FileNotFoundError, LaunchError) as err:
         log.error("[%s/%s %s] configuration error: %s", spec.sweep, spec.name, spec.trial_id, err)

@@ -26,7 +26,9 @@ class AdapterError(RuntimeError):
 def load_tokenizer(model_id: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_id)
+    from finesweep.staging import local_source
+
+    tok = AutoTokenizer.from_pretrained(local_source("models", model_id))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -35,9 +37,12 @@ def load_tokenizer(model_id: str):
 def load_base_model(model_id: str, hw: Hardware, dtype=None):
     from transformers import AutoModelForCausalLM
 
+    from finesweep.staging import local_source
+
     if dtype is None and hw.device == "cuda":
         dtype = hw.dtype
-    return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, attn_implementation=hw.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(local_source("models", model_id), dtype=dtype,
+                                                attn_implementation=hw.attn_implementation)
 
 
 def start_chain(spec: TrialSpec, store: ArtifactStore) -> list[TrialSpec]:
