@@ -1,9 +1,11 @@
 """Fixtures of the end-to-end suite: a real Kubernetes cluster (scripts/cluster/up.sh, via `make e2e`), the
 chart installed with helm, a real MinIO on loopback, and the submitter run as the chart's ServiceAccount.
 
-Trial pods use hostNetwork (jobs.hostNetwork) to reach MinIO on 127.0.0.1, and read the tiny model and the
-fixture datasets from hostPath volumes (jobs.extraVolumes), exactly where the sweep files point
-(/app/build/tiny-llama, /app/tests/fixtures/datasets). A failing test gets scripts/cluster/dump.sh's output
+Trial pods use hostNetwork (jobs.hostNetwork) to reach MinIO on 127.0.0.1. The tiny model and the fixture
+datasets reach them through the store, as on a multi-node cluster: each release's store gets them by
+`finesweep stage` (the names the sweep files use: build/tiny-llama, tests/fixtures/datasets/...), and the pods
+fetch and verify them into their cache with HF_HUB_OFFLINE=1; no volume holds models or data. A failing test
+gets scripts/cluster/dump.sh's output
 (events, pod states, last log lines, component logs) attached to its report.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -69,6 +70,10 @@ def cluster() -> None:
     assert ready.returncode == 0, f"no cluster at {KUBECONFIG}: run `make cluster-up` first ({ready.stderr.strip()})"
 
 
+STAGED_SOURCES = ("build/tiny-llama", "tests/fixtures/datasets/databricks-dolly-15k",
+                  "tests/fixtures/datasets/hh-rlhf")
+
+
 def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict | None = None) -> dict:
     """The chart installed into `namespace` against MinIO; returns what the tests need to drive the submitter
     there as the chart's ServiceAccount."""
@@ -84,11 +89,6 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
         metadata=client.V1ObjectMeta(name="e2e-s3"), type="Opaque",
         string_data={name: s3[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}))
 
-    # The pods run as uid 1000: a world-readable copy of the tiny model (its weights are written 0600).
-    model_dir = tmp_path_factory.mktemp("hostpath") / "tiny-llama"
-    shutil.copytree(ROOT / "build" / "tiny-llama", model_dir)
-    for p in [model_dir, *model_dir.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
     admin = yaml.safe_load(Path(KUBECONFIG).read_text())
     cluster_entry = admin["clusters"][0]["cluster"]
     controller_repo, controller_tag = CONTROLLER_IMAGE.rsplit(":", 1)
@@ -110,13 +110,6 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
             "terminationGracePeriodSeconds": 60,
             "backoffLimit": 1,
             "extraEnv": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}],
-            "extraVolumes": [
-                {"name": "tiny-model", "hostPath": {"path": str(model_dir), "type": "Directory"}},
-                {"name": "datasets", "hostPath": {"path": str(ROOT / "tests" / "fixtures" / "datasets"),
-                                                  "type": "Directory"}}],
-            "extraVolumeMounts": [
-                {"name": "tiny-model", "mountPath": "/app/build/tiny-llama", "readOnly": True},
-                {"name": "datasets", "mountPath": "/app/tests/fixtures/datasets", "readOnly": True}],
             **(jobs_values or {}),
         },
     }
@@ -137,12 +130,17 @@ def install_release(namespace: str, minio, tmp_path_factory, jobs_values: dict |
                                                  "namespace": namespace}}],
         "current-context": "e2e"}))
     submitter_kubeconfig.chmod(0o600)
-    return {
+    release = {
         "namespace": namespace,
         "store": f"s3://{BUCKET}/e2e-{uuid.uuid4().hex[:8]}",
         "env": {**s3, "KUBECONFIG": str(submitter_kubeconfig)},
         "token": token,
     }
+    # What the e2e sweeps load, staged the way a user does it, by the names the sweep files use.
+    staged = run(sys.executable, "-m", "submitter", "stage", *STAGED_SOURCES, "--store", release["store"],
+                 env={**os.environ, **s3}, timeout=300)
+    assert staged.stdout.count("staged in") == len(STAGED_SOURCES), staged.stdout + staged.stderr
+    return release
 
 
 @pytest.fixture(scope="session")
