@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finesweep.prompts import render_prompt, user_turn
 from finesweep.spec import TrialSpec, to_dict
-from finesweep.store import DONE, ArtifactStore, checksum, trial_prefix
+from finesweep.store import DONE, ArtifactStore, checksum, end_attempt, trial_prefix
 
 from . import metrics
 
@@ -254,3 +254,6 @@ def _write(store: ArtifactStore, spec: TrialSpec, result: dict, samples: list[di
         store.write_bytes(f"{prefix}/{name}", data)
         files[f"{prefix}/{name}"] = checksum(data)
     store.write_marker(f"{prefix}/{DONE}", files)
+    # The attempt that produced _DONE ends here, whoever runs it (a local subprocess, a cluster pod), so the
+    # store's attempt record says done without the backend having to notice.
+    end_attempt(store, spec.sweep, spec.trial_id, "done")

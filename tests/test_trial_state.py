@@ -146,3 +146,23 @@ def test_waiting_pipeline_does_not_settle_on_a_retried_trial(store, smoke_sft, m
     st.end_attempt(store, retried.sweep, retried.trial_id, "stopped")
     with pytest.raises(commands.SweepStopped, match="cancelled"):
         commands.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=5)
+
+
+def test_the_evaluation_that_writes_done_closes_the_attempt(store, tiny_model):
+    """Whoever runs the evaluator (a local subprocess, a cluster pod), the attempt that produced _DONE is
+    recorded as done: the k8s backend never has to notice a success for `attempts` to say so."""
+    import yaml
+
+    from evaluator.evaluate import _write
+    from finesweep.spec import parse_sweep
+
+    raw = {"name": "closes", "stage": "sft", "model": str(tiny_model),
+           "dataset": {"path": "tests/fixtures/datasets/databricks-dolly-15k", "format": "dolly"},
+           "eval": {"set": "sft-open-questions"}, "trials": [{"name": "a", "lr": 1.0e-3}]}
+    spec = parse_sweep(yaml.safe_load(yaml.safe_dump(raw)), "test.yaml", "", None).trial_specs(None)[0]
+    st.start_attempt(store, spec.sweep, spec.trial_id, "k8s", job="closes-job")
+    assert read_status(store, spec.sweep, spec.trial_id).attempts[-1].outcome is None
+    _write(store, spec, {"summary": {}}, [])
+    s = read_status(store, spec.sweep, spec.trial_id)
+    assert s.state is TrialState.DONE and [(a.number, a.outcome) for a in s.attempts] == [(1, "done")]
+    assert s.attempts[-1].ended_at is not None
