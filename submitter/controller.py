@@ -126,7 +126,7 @@ def _run_search(stage: str, plan: SweepPlan, store: ArtifactStore, args, setting
     from .search_loop import finish, run_search
 
     log.info("%s: search, %d trial(s) at a time", stage, plan.sweep.search.parallel)
-    backend = K8sSearchBackend(store, args.store, settings, args.max_attempts, stage)
+    backend = K8sSearchBackend(store, args.store, settings, args.max_attempts, stage, plan.sweep)
     counts = run_search(plan.sweep, store, backend, plan.start, poll_s=settings.poll_seconds)
     finish(plan.sweep, store, plan.start)
     _log_selection(stage, plan, store)
@@ -142,14 +142,16 @@ class K8sSearchBackend:
 
     name = "k8s"
 
-    def __init__(self, store: ArtifactStore, store_url: str, settings, max_attempts: int, stage: str = ""):
+    def __init__(self, store: ArtifactStore, store_url: str, settings, max_attempts: int, stage: str = "",
+                 sweep=None):
         from . import k8s_backend
+        from .k8s_manifests import with_sweep_tracking
 
         self.store, self.store_url, self.max_attempts, self.stage = store, store_url, max_attempts, stage
         self.batch, self.core = k8s_backend._clients(settings)
         if settings.use_cluster_defaults:
             settings = k8s_backend.with_cluster_defaults(settings, self.core)
-        self.settings = settings
+        self.settings = with_sweep_tracking(settings, sweep)
         self.scheduled: dict[str, object] = {}
 
     def schedule(self, spec) -> None:

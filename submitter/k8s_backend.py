@@ -39,7 +39,7 @@ from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
     CONTROLLER_CONTAINER, ClusterSettings, SettingsError, configmap_name, controller_manifests, controller_name,
     job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
-    sweep_selector, trial_configmap, trial_job)
+    sweep_selector, trial_configmap, trial_job, with_sweep_tracking)
 
 # Package data: a link to charts/finesweep/values.yaml in the repository, a copy of it in the installed wheel.
 VALUES_FILE = Path(__file__).resolve().parent / "chart-values.yaml"
@@ -117,7 +117,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
             if step.retry_of:
                 print(f"{_who(step.spec)}: attempt {step.retry_of} failed; a submit deletes job "
                       f"{job_name(step.spec, step.retry_of)} and retries it as attempt {step.attempt}", file=err)
-        manifests = sweep_manifests([s.spec for s in steps], settings, store_url,
+        manifests = sweep_manifests([s.spec for s in steps], with_sweep_tracking(settings, sweep), store_url,
                                     {s.spec.trial_id: s.attempt for s in steps})
         names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
         out.write(f"# finesweep dry run: sweep {sweep.name}, {len(names)} Job(s) in namespace "
@@ -131,6 +131,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
     batch, core = _clients(settings)
     if settings.use_cluster_defaults:
         settings = with_cluster_defaults(settings, core, err)
+    settings = with_sweep_tracking(settings, sweep)
     # Jobs the cluster gave up on first: their failure must be in the store before deciding what to retry.
     record_job_failures(store, trials, status(sweep.name, settings))
     selector = sweep_selector(sweep.name)

@@ -458,6 +458,16 @@ def pod_failure_policy() -> dict:
     ]}
 
 
+def with_sweep_tracking(settings: ClusterSettings, sweep: Any) -> ClusterSettings:
+    """The sweep's `tracking:` as MLflow's environment on its trial containers (the local backend sets the same
+    variables); the sweep's value wins over the same variable in jobs.extraEnv (a cluster-wide default)."""
+    env = sweep.tracking.env(sweep.name) if getattr(sweep, "tracking", None) else {}
+    if not env:
+        return settings
+    kept = tuple(e for e in settings.extra_env if e.get("name") not in env)
+    return dataclasses.replace(settings, extra_env=kept + tuple({"name": k, "value": v} for k, v in env.items()))
+
+
 def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, store_url: str,
                     attempts: dict[str, int] | None = None) -> list[dict]:
     """ConfigMap then Job for every trial, in the order given (the submitter creates them in this order);

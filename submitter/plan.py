@@ -83,18 +83,30 @@ def resolve_recorded_starts(plans: list[SweepPlan], store: ArtifactStore) -> Non
 
 
 def sources(sweep: Sweep, store: ArtifactStore | None) -> list[tuple[str, str, dict | None]]:
-    """(kind, name, its _STAGED record or None) for the model and dataset a sweep loads."""
+    """(kind, name, its _STAGED record or None) for the model and dataset a sweep loads. A store this machine
+    cannot read (no credentials here: a detached k8s submit) counts as holding nothing: {"unreadable": why}."""
     from finesweep import staging
 
-    needed = [("models", sweep.model), ("datasets", sweep.dataset.path)]
-    return [(kind, name, staging.marker(store, kind, name) if store is not None else None) for kind, name in needed]
+    rows = []
+    for kind, name in (("models", sweep.model), ("datasets", sweep.dataset.path)):
+        record = None
+        if store is not None:
+            try:
+                record = staging.marker(store, kind, name)
+            except Exception as err:  # noqa: BLE001 - StoreError, botocore's: the store is not readable from here
+                rows.append((kind, name, {"unreadable": f"{type(err).__name__}: {str(err)[:120]}"}))
+                continue
+        rows.append((kind, name, record))
+    return rows
 
 
 def describe_sources(sweep: Sweep, store: ArtifactStore) -> list[str]:
     """The preflight's account of what a sweep loads and where from, one line each."""
     lines = []
     for kind, name, record in sources(sweep, store):
-        if record is not None:
+        if record is not None and "unreadable" in record:
+            where = f"cannot tell whether it is staged: the store is not readable here ({record['unreadable']})"
+        elif record is not None:
             where = f"staged in {store.url} ({len(record['files'])} files, {record.get('bytes', 0) / 1e6:.1f} MB" + \
                 (f", revision {record['revision']}" if record.get("revision") else "") + ")"
         elif _looks_local(name):
@@ -108,7 +120,8 @@ def describe_sources(sweep: Sweep, store: ArtifactStore) -> list[str]:
 def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> None:
     """Checks that need the file system: local model and data paths (unless staged in the store), eval sets."""
     src = sweep.source
-    staged = {(kind, name) for kind, name, record in sources(sweep, store) if record is not None}
+    staged = {(kind, name) for kind, name, record in sources(sweep, store)
+              if record is not None and "unreadable" not in record}
     if _looks_local(sweep.model) and ("models", sweep.model) not in staged and not _exists(sweep.model):
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
                          "build it (make tiny-model for build/tiny-llama), stage it (finesweep stage), or name a "

@@ -1147,3 +1147,26 @@ def test_controller_poll_interval_comes_from_the_chart():
     assert km.resolved_defaults(values)["controller"]["pollSeconds"] == km.ClusterSettings().poll_seconds
     with pytest.raises(km.SettingsError, match=r"poll_seconds \(controller.pollSeconds\)"):
         km.settings_from_defaults({"controller": {"pollSeconds": "soon"}})
+
+
+def test_sweep_tracking_reaches_the_trial_pods(fake_cluster, local_store, example_sweeps, settings):
+    """`tracking: {mlflow_uri, experiment}` on a k8s sweep: the trial containers get MLflow's variables (as the
+    local backend sets them), over a cluster-wide jobs.extraEnv default; a dry run shows the same."""
+    from finesweep.spec import TrackingSpec
+
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=5,
+                                tracking=TrackingSpec("http://127.0.0.1:5000", "team-sft"))
+    settings = dataclasses.replace(settings, extra_env=(
+        {"name": "MLFLOW_TRACKING_URI", "value": "http://cluster-default:5000"}, {"name": "HF_HUB_OFFLINE", "value": "1"}))
+    out = io.StringIO()
+    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=io.StringIO())
+    dry = [d for d in yaml.safe_load_all(out.getvalue().split("\n", 1)[1]) if d and d["kind"] == "Job"]
+    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                               err=io.StringIO())
+    assert names and len(dry) == len(names)
+    for job in dry + [fake_cluster.jobs[n] for n in names]:
+        for container in pod_containers(job):
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000", env
+            assert env["MLFLOW_EXPERIMENT_NAME"] == "team-sft" and env["HF_HUB_OFFLINE"] == "1"
+            assert [e["name"] for e in container["env"]].count("MLFLOW_TRACKING_URI") == 1
