@@ -118,22 +118,30 @@ def job(name: str, sleeper_dir: Path, queue: str | None = QUEUE) -> dict:
     }
 
 
+def make_queue(tmp_path: Path, namespace: str, flavor: str, cluster_queue: str, queue: str,
+               quota: dict[str, str]) -> None:
+    """A ResourceFlavor, a StrictFIFO ClusterQueue for `namespace` with `quota` ({resource: nominal quota},
+    every resource the pods request) and a LocalQueue `queue` in it; returns once the ClusterQueue is Active."""
+    apply(tmp_path, "queues", [
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
+         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                  "queueingStrategy": "StrictFIFO",
+                  "resourceGroups": [{"coveredResources": list(quota), "flavors": [
+                      {"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in quota.items()]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": queue, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue}},
+    ])
+    deadline = time.monotonic() + 60
+    while not is_true(get_json("clusterqueue", cluster_queue), "Active"):
+        assert time.monotonic() < deadline, (f"ClusterQueue {cluster_queue} not Active after 60s: "
+                                             f"{get_json('clusterqueue', cluster_queue)}")
+        time.sleep(0.5)
+
+
 def test_quota_of_one_admits_jobs_one_at_a_time(kueue, tmp_path):
     sleeper_dir = kueue
-    apply(tmp_path, "queues", [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": CQ},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}},
-                  "queueingStrategy": "StrictFIFO",
-                  "resourceGroups": [{"coveredResources": ["cpu"], "flavors": [
-                      {"name": FLAVOR, "resources": [{"name": "cpu", "nominalQuota": QUOTA}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": QUEUE, "namespace": NS}, "spec": {"clusterQueue": CQ}},
-    ])
-    deadline = time.monotonic() + 30
-    while not is_true(get_json("clusterqueue", CQ), "Active"):
-        assert time.monotonic() < deadline, f"ClusterQueue {CQ} not Active after 30s: {get_json('clusterqueue', CQ)}"
-        time.sleep(0.5)
+    make_queue(tmp_path, NS, FLAVOR, CQ, QUEUE, {"cpu": QUOTA})
 
     try:
         started = time.monotonic()

@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.conftest import install_release, kubectl, submitter
 from tests.e2e.test_cluster import ONE_TRIAL_SWEEP, condition, controller_job, jobs, store_of
-from tests.e2e.test_kueue import apply, cond, get_json, is_true
+from tests.e2e.test_kueue import cond, get_json, make_queue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -53,20 +53,7 @@ def queued(cluster, minio_server, tmp_path_factory):
     cleanup()
     release = install_release(NS, minio_server, tmp_path_factory, {
         "kueueQueueName": QUEUE, "processesPerTrial": 2, "backoffLimit": 0})
-    apply(tmp_path_factory.mktemp("queues"), "queues", [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": CQ},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}},
-                  "queueingStrategy": "StrictFIFO",
-                  "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [
-                      {"name": FLAVOR, "resources": [{"name": r, "nominalQuota": q} for r, q in QUOTA.items()]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": QUEUE, "namespace": NS}, "spec": {"clusterQueue": CQ}},
-    ])
-    deadline = time.monotonic() + 60
-    while not is_true(get_json("clusterqueue", CQ), "Active"):
-        assert time.monotonic() < deadline, f"ClusterQueue {CQ} not Active: {get_json('clusterqueue', CQ)}"
-        time.sleep(0.5)
+    make_queue(tmp_path_factory.mktemp("queues"), NS, FLAVOR, CQ, QUEUE, QUOTA)
     yield release
     cleanup()
 
