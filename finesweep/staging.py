@@ -143,21 +143,26 @@ def default_cache() -> Path:
     return Path(base) / "finesweep" / "staged"
 
 
-# The store of the trial this process runs (trainer/entry.py sets it): the one place names are resolved.
+# The store of the trial this process runs (trainer/entry.py sets it): the one place names are resolved, each
+# once per process (a trial loads its tokenizer, model and splits separately; the store does not change meanwhile).
 _active: ArtifactStore | None = None
+_resolved: dict[tuple[str, str], str] = {}
 
 
 def activate(store: ArtifactStore | None) -> None:
     global _active
     _active = store
+    _resolved.clear()
 
 
 def local_source(kind: str, name: str) -> str:
     """What to load for `name`: the staged copy's local path when the active store holds one, else `name`."""
     if _active is None or not name:
         return name
-    path = fetch(_active, kind, name)
-    return name if path is None else str(path)
+    if (kind, name) not in _resolved:
+        path = fetch(_active, kind, name)
+        _resolved[(kind, name)] = name if path is None else str(path)
+    return _resolved[(kind, name)]
 
 
 def _local_files(path: Path) -> list[tuple[str, Path]]:

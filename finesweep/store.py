@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger("finesweep")
 TRAINED = "_TRAINED"
@@ -399,6 +399,15 @@ def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
     _write_attempts(store, prefix, attempts)
     store.delete(f"{prefix}/{FAILED}")
     return read_status(store, sweep, trial_id)
+
+
+def failure_line(lines: Iterable[str]) -> str:
+    """The line of a failed process's output that says what went wrong, as a failure's reason: the last one
+    naming an error (the trainer and evaluator log `... ERROR [...]` before Python's traceback, which ends with
+    `SomeError: ...`), without the log line's time and label; else the last line; "" when there was none."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    line = next((ln for ln in reversed(lines) if " ERROR " in ln or "Error" in ln), lines[-1] if lines else "")
+    return line.split("]: ", 1)[-1] if " ERROR [" in line else line
 
 
 def record_failure(store: ArtifactStore, sweep: str, trial_id: str, phase: str, reason: str,

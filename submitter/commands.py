@@ -34,7 +34,7 @@ def submit(args, store: ArtifactStore) -> int:
     from .plan import describe_sources
 
     for plan in plans:
-        for line in describe_sources(plan.sweep, store):
+        for line in describe_sources(plan, store):
             log.info("%s", line)
     if args.backend == "local":
         return _submit_local(args, plans, store)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, TextIO
 import yaml
 
 from finesweep.spec import Sweep, TrialSpec
-from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus
+from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus, failure_line
 from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
     CONTROLLER_CONTAINER, ClusterSettings, SettingsError, configmap_name, controller_manifests, controller_name,
@@ -521,18 +521,14 @@ def _failed_container(pod: dict) -> tuple[str, int | None]:
         if ended.get("exitCode") not in (None, 0):
             code = ended["exitCode"]
             reason = f"{container['name']}: {ended.get('reason') or 'Error'} (exit {code})"
-            last = _last_error_line(ended.get("message") or "")
+            last = failure_line((ended.get("message") or "").splitlines())
+            if len(last) > FAILURE_LINE_LIMIT:  # one line a person reads in `make status`
+                last = last[:FAILURE_LINE_LIMIT - 3] + "..."
             return (f"{reason}: {last}" if last else reason), code
     return "", None
 
 
-def _last_error_line(message: str, limit: int = 400) -> str:
-    """The line of a termination message that says what went wrong: the last one naming an error, else the last
-    line (a Python traceback ends with the exception; the trainer logs the error before it)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    named = [line for line in lines if "ERROR" in line or "Error" in line]
-    line = (named or lines or [""])[-1]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+FAILURE_LINE_LIMIT = 400
 
 
 def _pod_phase(pod: dict) -> tuple[str, str]:

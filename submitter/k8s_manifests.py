@@ -458,10 +458,10 @@ def pod_failure_policy() -> dict:
     ]}
 
 
-def with_sweep_tracking(settings: ClusterSettings, sweep: Any) -> ClusterSettings:
+def with_sweep_tracking(settings: ClusterSettings, sweep: Any | None) -> ClusterSettings:
     """The sweep's `tracking:` as MLflow's environment on its trial containers (the local backend sets the same
     variables); the sweep's value wins over the same variable in jobs.extraEnv (a cluster-wide default)."""
-    env = sweep.tracking.env(sweep.name) if getattr(sweep, "tracking", None) else {}
+    env = sweep.tracking.env(sweep.name) if sweep is not None and sweep.tracking is not None else {}
     if not env:
         return settings
     kept = tuple(e for e in settings.extra_env if e.get("name") not in env)
@@ -751,9 +751,9 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-_FIELD_KINDS = {name: "whole number" for name in ("gpus_per_trial", "processes_per_trial", "backoff_limit",
-                                                 "termination_grace_period_seconds",
-                                                 "run_as_user", "run_as_group", "fs_group", "active_deadline_seconds",
+_WHOLE_NUMBER_FIELDS = ("gpus_per_trial", "processes_per_trial", "backoff_limit", "termination_grace_period_seconds",
+                        "run_as_user", "run_as_group", "fs_group")
+_FIELD_KINDS = {name: "whole number" for name in (*_WHOLE_NUMBER_FIELDS, "active_deadline_seconds",
                                                  "ttl_seconds_after_finished")} | {"poll_seconds": "number"}
 
 
@@ -762,9 +762,7 @@ def _as_field_type(name: str, value: Any) -> Any:
         return tuple(value or ())
     if name in ("node_selector", "resources"):
         return dict(value or {})
-    if name in ("gpus_per_trial", "processes_per_trial", "backoff_limit", "termination_grace_period_seconds",
-                "run_as_user",
-                "run_as_group", "fs_group"):
+    if name in _WHOLE_NUMBER_FIELDS:
         return int(value)
     if name == "active_deadline_seconds":
         return int(value) if value else None  # 0 or empty: no deadline

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, TrialState, end_attempt,
-                             read_status, record_failure, start_attempt, trial_prefix)
+                             failure_line, read_status, record_failure, start_attempt, trial_prefix)
 from finesweep.spec import TrialSpec
 
 from .plan import SweepPlan, select_best, write_spec
@@ -49,10 +49,8 @@ def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str
                     sys.stdout.flush()
         store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
         if proc.returncode != 0:
-            reason = next((ln.strip() for ln in reversed(lines) if " ERROR " in ln or "Error" in ln),
-                          lines[-1].strip() if lines else "no output")
-            reason = reason.split("]: ", 1)[-1] if " ERROR [" in reason else reason  # drop time and label
-            record_failure(store, spec.sweep, spec.trial_id, phase, reason, proc.returncode)
+            record_failure(store, spec.sweep, spec.trial_id, phase, failure_line(lines) or "no output",
+                           proc.returncode)
         return proc.returncode
 
 

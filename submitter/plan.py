@@ -29,6 +29,8 @@ def project_dir() -> Path:
 class SweepPlan:
     sweep: Sweep
     start: StartRef | None  # None for SFT, and for a DPO sweep whose SFT sweep runs earlier in this pipeline
+    # What the preflight found of the sweep's model and dataset in the store (plan.sources), read once.
+    sources: tuple = ()
 
     @property
     def resolved(self) -> bool:
@@ -60,7 +62,7 @@ def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None
     in_file = {s.name for s in sweeps}
     for i, sweep in enumerate(sweeps):
         where = f"pipeline[{i}]." if len(sweeps) > 1 else ""
-        preflight(sweep, where, store)
+        found = preflight(sweep, where, store)
         start = None
         if sweep.stage == "dpo" and sweep.start_sweep not in in_file:
             try:
@@ -68,7 +70,7 @@ def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None
             except SweepError:
                 if not allow_unresolved:
                     raise
-        plans.append(SweepPlan(sweep, start))
+        plans.append(SweepPlan(sweep, start, tuple(found)))
     return plans
 
 
@@ -100,10 +102,10 @@ def sources(sweep: Sweep, store: ArtifactStore | None) -> list[tuple[str, str, d
     return rows
 
 
-def describe_sources(sweep: Sweep, store: ArtifactStore) -> list[str]:
+def describe_sources(plan: SweepPlan, store: ArtifactStore) -> list[str]:
     """The preflight's account of what a sweep loads and where from, one line each."""
     lines = []
-    for kind, name, record in sources(sweep, store):
+    for kind, name, record in plan.sources:
         if record is not None and "unreadable" in record:
             where = f"cannot tell whether it is staged: the store is not readable here ({record['unreadable']})"
         elif record is not None:
@@ -113,15 +115,16 @@ def describe_sources(sweep: Sweep, store: ArtifactStore) -> list[str]:
             where = "not staged: a local path, which trial pods must see (a volume), or `finesweep stage` it"
         else:
             where = "not staged: trial pods download it from the Hub (`finesweep stage` it for HF_HUB_OFFLINE=1)"
-        lines.append(f"sweep {sweep.name}: {kind[:-1]} {name}: {where}")
+        lines.append(f"sweep {plan.sweep.name}: {kind[:-1]} {name}: {where}")
     return lines
 
 
-def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> None:
-    """Checks that need the file system: local model and data paths (unless staged in the store), eval sets."""
+def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> list:
+    """Checks that need the file system: local model and data paths (unless staged in the store), eval sets.
+    Returns what `sources` found in the store."""
     src = sweep.source
-    staged = {(kind, name) for kind, name, record in sources(sweep, store)
-              if record is not None and "unreadable" not in record}
+    found = sources(sweep, store)
+    staged = {(kind, name) for kind, name, record in found if record is not None and "unreadable" not in record}
     if _looks_local(sweep.model) and ("models", sweep.model) not in staged and not _exists(sweep.model):
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
                          "build it (make tiny-model for build/tiny-llama), stage it (finesweep stage), or name a "
@@ -138,6 +141,7 @@ def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None)
             load_evalset(name)  # the evaluator's own lookup and row checks, so it cannot fail on them later
         except EvalSetError as err:
             raise SweepError(src, f"{where}{field}", err.problem, err.fix) from None
+    return found
 
 
 def _exists(path: str | Path) -> bool:

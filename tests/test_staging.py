@@ -47,10 +47,12 @@ def test_a_staged_model_loads_from_the_store_once_its_folder_is_gone(tiny_model,
     cached = list((tmp_path / "cache" / "finesweep" / "staged" / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / ".verified").is_file()
 
-    # A staged file that no longer matches its checksum is refused, not loaded.
+    # A staged file that no longer matches its checksum is refused, not loaded (by the next trial process: one
+    # process resolves each name once).
     shutil.rmtree(cached[0])
     weights = next(k for k in record["files"] if k.endswith(".safetensors"))
     store.write_bytes(weights, b"not the weights")
+    staging.activate(store)
     with pytest.raises(StoreError, match="checksum differs.*stage .* again"):
         load_tokenizer(str(source))
 
@@ -93,7 +95,7 @@ def test_preflight_accepts_staged_sources_and_says_where_each_comes_from(tiny_mo
     staging.stage(store, str(model), say=lambda _: None)
     shutil.rmtree(model)
     (plan,) = load_plan(str(sweep_file), store)  # the folder is gone, but the store has it
-    lines = describe_sources(plan.sweep, store)
+    lines = describe_sources(plan, store)
     assert f"model {model}: staged in {store.url} (" in lines[0], lines
     assert "dataset" in lines[1] and "not staged: a local path" in lines[1], lines
     with pytest.raises(SweepError) as err:

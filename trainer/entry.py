@@ -83,9 +83,8 @@ def run_trial_command(prog: str, doc: str, force_help: str, argv: list[str] | No
     parser.add_argument("--force", action="store_true", help=force_help)
     args = parser.parse_args(argv)
 
-    from finesweep import exitcodes
+    from finesweep import exitcodes, staging
     from finesweep.spec import SweepError, trial_from_dict
-    from finesweep import staging
     from finesweep.store import StoreError, open_store
 
     from .runtime import setup_logging
