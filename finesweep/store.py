@@ -10,7 +10,7 @@ Layout (keys are '/'-separated, relative to the store root):
     <sweep>/<trial-id>/_DONE                marker: the trial is finished (with checksums)
     <sweep>/<trial-id>/attempts.json        every attempt to run the trial (backend, Job, start, outcome)
     <sweep>/<trial-id>/_FAILED              why the current attempt failed (phase, exit code, reason, attempt)
-    <sweep>/<trial-id>/monitor.json, progress.json, _STOP_REQUESTED   search: evaluation during training (below)
+    <sweep>/<trial-id>/monitor.json, progress.json    search: evaluation during training and its pruning decision
     <sweep>/search/trials/<number>.json     search: the study's record of each trial (finesweep.search)
     <sweep>/report/...                      report.md, leaderboard.json, plots
 
@@ -477,13 +477,13 @@ def iter_trials(store: ArtifactStore, sweep: str) -> Iterator[tuple[str, dict]]:
 
 # ------------------------------------------------------------------ search: evaluation during training
 # <trial>/monitor.json: when and what to evaluate during training (written by the search engine before the
-#   trial starts; a trial without it trains as before)
+#   trial starts, with what its trainer needs to rebuild the study and make the pruning decisions itself;
+#   a trial without it trains as before)
 # <trial>/progress.json: the held-out figures measured so far, written by the trainer as they are produced
-# <trial>/_STOP_REQUESTED: the engine's request that the trial stop (pruned) at its next evaluation; read by the
-#   trainer's main process, so stopping needs no signal from outside a pod
+# Pruning needs no request file: the trainer decides at each evaluation from the study records
+# (finesweep.search.decide_at_evaluation) and stops itself, so it needs no signal from outside a pod.
 MONITOR = "monitor.json"
 PROGRESS = "progress.json"
-STOP_REQUESTED = "_STOP_REQUESTED"
 
 
 def _optional_json(store: ArtifactStore, key: str) -> Any:
@@ -507,12 +507,3 @@ def read_progress(store: ArtifactStore, sweep: str, trial_id: str) -> dict | Non
 
 def write_progress(store: ArtifactStore, sweep: str, trial_id: str, progress: dict) -> None:
     store.write_json(f"{trial_prefix(sweep, trial_id)}/{PROGRESS}", progress)
-
-
-def request_stop(store: ArtifactStore, sweep: str, trial_id: str, reason: str, **info: Any) -> None:
-    store.write_json(f"{trial_prefix(sweep, trial_id)}/{STOP_REQUESTED}", {"reason": reason, "at": time.time(),
-                                                                          **info})
-
-
-def stop_request(store: ArtifactStore, sweep: str, trial_id: str) -> dict | None:
-    return _optional_json(store, f"{trial_prefix(sweep, trial_id)}/{STOP_REQUESTED}")

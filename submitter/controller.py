@@ -13,8 +13,8 @@ name before the Job is created, so a replacement pod (its Job's podReplacementPo
 once the old pod is gone) finds what its predecessor made and never creates a trial's Job twice.
 
 A search sweep (`search:`) runs submitter/search_loop.run_search with K8sSearchBackend: a trial is scheduled
-by creating its current attempt's Job (idempotently, by name), pruning is a stop request in the store, and the
-loop's wait polls the cluster for Jobs it gave up on; then search_loop.finish selects and reports.
+by creating its current attempt's Job (idempotently, by name), pruning is decided by the trial's trainer at its
+evaluation from the study in the store (finesweep.search.decide_at_evaluation), and the loop's wait polls the cluster for Jobs it gave up on; then search_loop.finish selects and reports.
 """
 
 from __future__ import annotations
@@ -171,11 +171,6 @@ class K8sSearchBackend:
         created = k8s_backend._create_trial(self.batch, self.core, spec, self.settings, self.store_url, attempt)
         log.info("%s: trial %s (%s): %s job %s", self.stage, spec.name, spec.trial_id,
                  "created" if created else "exists,", name)
-
-    def request_stop(self, spec, examples: int, value: float) -> None:
-        from .search_loop import request_stop_in_store
-
-        request_stop_in_store(self.store, spec, examples, value)
 
     def wait(self, seconds: float) -> None:
         from . import k8s_backend

@@ -1,47 +1,43 @@
-"""The search loop: keep `search.parallel` trials in flight, feed their progress to the pruner, stop the ones it
-prunes, ask for the next until the budget is spent; then select the best and write the report.
+"""The search loop: keep `search.parallel` trials in flight, ask for the next until the budget is spent, wait
+for every trial to settle; then select the best and write the report.
 
-It talks to a backend through `Backend` only (schedule a trial, say whether it has stopped, request a stop,
-wait), and reads every state from the store, so the same loop runs locally (LocalBackend: child processes on
-this machine) and inside a Kubernetes controller (a backend that creates Jobs, idempotently). All study state
-lives in the store (finesweep.search), so the loop can be stopped and started again at any point.
+Pruning is not the loop's business: each monitored trial's trainer decides at each of its held-out evaluations,
+from the study in the store, whether it is pruned, records the decision in its study record and stops right
+there (finesweep.search.decide_at_evaluation, trainer/progress.py). The loop only launches trials, waits, and
+logs the decisions it finds recorded. It talks to a backend through `Backend` only (schedule a trial, wait),
+and reads every state from the store, so the same loop runs locally (LocalBackend: child processes on this
+machine) and inside a Kubernetes controller (a backend that creates Jobs, idempotently). All study state lives
+in the store (finesweep.search), so the loop can be stopped and started again at any point.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Protocol
 
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, SETTLED, ArtifactStore, TrialState, end_attempt, read_status,
-                             request_stop, start_attempt)
+                             start_attempt)
 
 log = logging.getLogger("finesweep")
 
 
 class Backend(Protocol):
     """What the search loop needs from a backend. States are read from the store (finesweep.store.read_status),
-    which the trainer, the evaluator and the backend write; the backend only starts and stops work."""
+    which the trainer, the evaluator and the backend write; the backend only starts work. (A pruned trial stops
+    by itself: its trainer makes the decision, so a backend has nothing to deliver.)"""
 
     name: str
 
     def schedule(self, spec: TrialSpec) -> None:
         """Train (unless trained) and evaluate the trial, or for a reference row only evaluate it. Idempotent: a
-        trial already under way on this backend, or settled in the store, is left alone."""
-
-    def request_stop(self, spec: TrialSpec, examples: int, value: float) -> None:
-        """Ask the trial to stop at its next evaluation (pruned). The trainer reads the request from the store,
-        so `request_stop_in_store` is a complete implementation for any backend."""
+        trial already under way on this backend, or settled in the store, is left alone. A trial its trainer
+        closed as pruned is not evaluated."""
 
     def wait(self, seconds: float) -> None:
         """Block until something may have changed (or `seconds` passed)."""
-
-
-def request_stop_in_store(store: ArtifactStore, spec: TrialSpec, examples: int, value: float) -> None:
-    request_stop(store, spec.sweep, spec.trial_id, "pruned", examples=examples, value=value)
 
 
 class LocalBackend:
@@ -90,9 +86,6 @@ class LocalBackend:
         finally:
             self.changed.set()
 
-    def request_stop(self, spec: TrialSpec, examples: int, value: float) -> None:
-        request_stop_in_store(self.store, spec, examples, value)
-
     def wait(self, seconds: float) -> None:
         self.changed.wait(seconds)
         self.changed.clear()
@@ -111,13 +104,12 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
         backend.wait(poll_s)
     for spec in search.unsettled():  # left running or unstarted by an earlier run: carry on
         log.info("search %s: carrying on with %s (%s)", sweep.name, spec.name, spec.trial_id)
+        search.ensure_monitor(spec)
         backend.schedule(spec)
     asked, exhausted = 0, False
+    told: set[str] = set()
     while True:
-        for spec, examples, value in search.sync():
-            log.info("search %s: pruning %s (%s) at %d examples: %s %.4g", sweep.name, spec.name, spec.trial_id,
-                     examples, sweep.select.metric, value)
-            backend.request_stop(spec, examples, value)
+        _log_decisions(search, told)
         active = search.unsettled()
         while len(active) < sweep.search.parallel and not exhausted and (max_new is None or asked < max_new):
             got = search.ask()
@@ -132,13 +124,22 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
         if not active and (exhausted or (max_new is not None and asked >= max_new)):
             break
         backend.wait(poll_s)
-    search.sync()
+    _log_decisions(search, told)
     rows = search.rows()
     counts = {state: sum(r.state == state for r in rows) for state in ("complete", "pruned", "fail", "running")}
     counts["asked"] = asked
     log.info("search %s: %d trials in the study: %d complete, %d pruned, %d failed", sweep.name, len(rows),
              counts["complete"], counts["pruned"], counts["fail"])
     return counts
+
+
+def _log_decisions(search: Search, told: set[str]) -> None:
+    """Log each pruning decision a trainer recorded (once per trial); the loop itself decides nothing."""
+    for spec, examples, value in search.decisions():
+        if spec.trial_id not in told:
+            told.add(spec.trial_id)
+            log.info("search %s: pruning %s (%s) at %d examples: %s %.4g (decided by its trainer at that "
+                     "evaluation)", search.name, spec.name, spec.trial_id, examples, search.select.metric, value)
 
 
 def finish(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) -> list[TrialSpec]:

@@ -1,8 +1,9 @@
 """Search and early stopping (finesweep.search, submitter/search_loop.py, trainer/progress.py).
 
 The engine tests drive the real loop, Optuna samplers and pruners against a simulated backend (held-out curves
-computed from the hyperparameters, written to the store point by point, honouring stop requests), so they take
-seconds; one test runs a real local search of tiny trials end to end.
+computed from the hyperparameters, written to the store point by point, each point followed by the pruning
+decision the real trainer makes there, finesweep.search.decide_at_evaluation), so they take seconds; the
+decision tests call that function directly; one test runs a real local search of tiny trials end to end.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import textwrap
 import pytest
 import yaml
 
-from finesweep.search import Search
+from finesweep.search import Search, decide_at_evaluation
 from finesweep.spec import SweepError, parse_sweep
-from finesweep.store import (DONE, LocalStore, TrialState, end_attempt, read_progress, read_status, start_attempt,
-                             stop_request, trial_prefix, write_progress)
+from finesweep.store import (DONE, LocalStore, TrialState, end_attempt, read_monitor, read_progress, read_status,
+                             start_attempt, trial_prefix, write_progress)
 from submitter.search_loop import run_search
 
 from .conftest import FIXTURES, ROOT
@@ -38,8 +39,9 @@ def sweep_from(extra: str, name: str = "srch"):
 
 
 class SimulatedBackend:
-    """Trials whose held-out loss is a function of lr and r: one evaluation point per wait() tick, a stop request
-    honoured at the next point, then eval.json and _DONE (or the attempt closed as pruned)."""
+    """Trials whose held-out loss is a function of lr and r: one evaluation point per wait() tick, each followed by
+    the trainer's pruning decision at that point (a pruned trial stops there: the attempt closed as pruned),
+    then eval.json and _DONE."""
 
     name = "sim"
 
@@ -47,6 +49,7 @@ class SimulatedBackend:
         self.store, self.points, self.every = store, points, every
         self.running: dict[str, tuple] = {}
         self.scheduled: list[str] = []
+        self.stopped_at: dict[str, int] = {}  # trial id -> examples of the evaluation it stopped at
 
     @staticmethod
     def loss(h, examples: int) -> float:
@@ -62,18 +65,16 @@ class SimulatedBackend:
             return
         self.running[spec.trial_id] = (spec, [])
 
-    def request_stop(self, spec, examples, value):
-        from submitter.search_loop import request_stop_in_store
-
-        request_stop_in_store(self.store, spec, examples, value)
-
     def wait(self, seconds):
         for tid, (spec, points) in list(self.running.items()):
             examples = self.every * (len(points) + 1)
-            points.append({"examples": examples, "examples_seen": examples, "step": examples // 4,
-                           "metrics": {"eval_loss": self.loss(spec.hyper, examples)}})
+            point = {"examples": examples, "examples_seen": examples, "step": examples // 4,
+                     "metrics": {"eval_loss": self.loss(spec.hyper, examples)}}
+            points.append(point)
             write_progress(self.store, spec.sweep, tid, {"points": points})
-            if stop_request(self.store, spec.sweep, tid) is not None:
+            monitor = read_monitor(self.store, spec.sweep, tid)  # None: not monitored (no prune:), no callback
+            if monitor and decide_at_evaluation(self.store, monitor, tid, examples, point["metrics"]) is not None:
+                self.stopped_at[tid] = examples
                 end_attempt(self.store, spec.sweep, tid, "pruned")
                 del self.running[tid]
             elif len(points) == self.points:
@@ -165,6 +166,180 @@ def test_guardrail_breakers_are_told_the_worst_value(tmp_path):
         assert bool(r.infeasible) == (r.objective > 3.0)
 
 
+def test_pruned_trials_stop_at_the_evaluation_that_decides(tmp_path):
+    """Two trials in flight: every pruned trial stopped at the evaluation its decision was made at (a rung of
+    successive halving), with no point after it, and its record holds that decision and the values up to it."""
+    sweep = sweep_from(SEARCH.replace("startup_trials: 3", "startup_trials: 3\n  parallel: 2"))
+    store = LocalStore(tmp_path)
+    backend = SimulatedBackend(store)
+    run_search(sweep, store, backend, poll_s=0)
+    rows = {r.trial_id: r for r in Search(sweep, store).rows()}
+    pruned = [r for r in rows.values() if r.state == "pruned"]
+    assert pruned and set(backend.stopped_at) == {r.trial_id for r in pruned}
+    for row in pruned:
+        rungs = [16 * 2 ** k for k in range(3)]  # min_examples 16, reduction factor 2
+        assert row.pruned_at == backend.stopped_at[row.trial_id] and row.pruned_at in rungs
+        points = read_progress(store, sweep.name, row.trial_id)["points"]
+        assert points[-1]["examples"] == row.pruned_at, "nothing is evaluated after the deciding evaluation"
+        assert max(row.intermediate) == row.pruned_at
+        assert read_status(store, sweep.name, row.trial_id).state is TrialState.PRUNED
+
+
+DECIDE = """
+trials:
+  - {name: a, lr: 1.0e-3}
+  - {name: b, lr: 2.0e-3}
+  - {name: c, lr: 3.0e-3}
+search:
+  method: random
+  budget: 3
+  space:
+    lr: {low: 1.0e-5, high: 1.0e-1, log: true}
+prune: {method: asha, every_examples: 8, min_examples: 16, reduction_factor: 2}
+"""
+
+
+def _replay(store, sweep, curves: dict[int, dict[int, float]]) -> tuple[list, list]:
+    """Ask for every trial, then feed each its curve {examples: eval_loss} point by point through the trainer's
+    decision, trial after trial (a finished trial gets eval.json and _DONE). Returns ([(number, examples,
+    decision)], records)."""
+    search = Search(sweep, store)
+    specs = [search.ask()[0] for _ in curves]
+    decisions = []
+    for number, curve in curves.items():
+        spec = specs[number]
+        start_attempt(store, sweep.name, spec.trial_id, "sim")
+        monitor = read_monitor(store, sweep.name, spec.trial_id)
+        points, decision = [], None
+        for examples, loss in sorted(curve.items()):
+            points.append({"examples": examples, "examples_seen": examples, "step": examples // 4,
+                           "metrics": {"eval_loss": loss}})
+            write_progress(store, sweep.name, spec.trial_id, {"points": points})
+            decision = decide_at_evaluation(store, monitor, spec.trial_id, examples, {"eval_loss": loss})
+            decisions.append((number, examples, decision))
+            if decision is not None:
+                end_attempt(store, sweep.name, spec.trial_id, "pruned")
+                break
+        if decision is None:
+            prefix = trial_prefix(sweep.name, spec.trial_id)
+            store.write_json(f"{prefix}/eval.json", {"summary": {"heldout_loss": curve[max(curve)]}})
+            store.write_json(f"{prefix}/{DONE}", {"files": {}})
+            end_attempt(store, sweep.name, spec.trial_id, "done")
+    return decisions, Search(sweep, store).records()
+
+
+GOOD = {16: 3.0, 24: 2.8, 32: 2.6, 40: 2.5}
+
+
+def test_the_same_progress_gives_the_same_decision_at_the_same_step(tmp_path):
+    sweep = sweep_from(DECIDE)
+    curves = {0: GOOD, 1: {e: v - 0.05 for e, v in GOOD.items()}, 2: {16: 3.5, 24: 3.4, 32: 3.3, 40: 3.2}}
+    first = _replay(LocalStore(tmp_path / "one"), sweep, curves)
+    second = _replay(LocalStore(tmp_path / "two"), sweep, curves)
+    assert first == second, "same data, fresh store: same decisions at the same steps, same records"
+    decisions, records = first
+    assert [d for d in decisions if d[2] is not None] == [(2, 16, {"pruned_at": 16, "value": 3.5})]
+    assert records[2]["decision"] == {"pruned_at": 16, "value": 3.5} and records[2]["intermediate"] == {"16": 3.5}
+    assert records[0]["system_attrs"] == {"completed_rung_0": 3.0, "completed_rung_1": 2.6}
+    assert records[2]["system_attrs"] == {"completed_rung_0": 3.5}
+
+
+def test_the_decision_is_taken_at_the_evaluation_where_the_value_crosses(tmp_path):
+    """Trial c is the best at the first rung (16) and falls behind at 24 (not a rung: successive halving looks
+    at rungs only) and at the second rung (32): it is pruned by the call for 32, not at a later one."""
+    sweep = sweep_from(DECIDE)
+    curves = {0: GOOD, 1: {e: v - 0.05 for e, v in GOOD.items()}, 2: {16: 2.9, 24: 2.95, 32: 3.0, 40: 3.1}}
+    decisions, records = _replay(LocalStore(tmp_path), sweep, curves)
+    assert [(e, d) for n, e, d in decisions if n == 2] == [(16, None), (24, None), (32, {"pruned_at": 32,
+                                                                                         "value": 3.0})]
+    assert records[2]["intermediate"] == {"16": 2.9, "24": 2.95, "32": 3.0}
+    assert records[2]["system_attrs"] == {"completed_rung_0": 2.9, "completed_rung_1": 3.0}
+
+
+def test_a_resumed_trainer_neither_reports_a_step_twice_nor_loses_one(tmp_path):
+    """Preemption: the trainer restarts from a checkpoint and evaluates steps it already reported; the first
+    report and decision stand. A point that reached progress.json but not the record is reported, in order,
+    before the next one."""
+    sweep = sweep_from(DECIDE)
+    store = LocalStore(tmp_path)
+    search = Search(sweep, store)
+    spec = search.ask()[0]
+    start_attempt(store, sweep.name, spec.trial_id, "sim")
+    monitor = read_monitor(store, sweep.name, spec.trial_id)
+    point = lambda e, v: {"examples": e, "examples_seen": e, "step": e // 4, "metrics": {"eval_loss": v}}  # noqa: E731
+    write_progress(store, sweep.name, spec.trial_id, {"points": [point(16, 3.0)]})
+    assert decide_at_evaluation(store, monitor, spec.trial_id, 16, {"eval_loss": 3.0}) is None
+    before = Search(sweep, store).records()[0]
+    # restarted before the checkpoint after 16: evaluates 16 again (another value: not reported again)
+    assert decide_at_evaluation(store, monitor, spec.trial_id, 16, {"eval_loss": 9.0}) is None
+    assert Search(sweep, store).records()[0] == before
+    # 24 measured and written to progress.json, then the trainer died before recording it; it resumes after
+    # the checkpoint at 24 and evaluates 32 next: 24 is reported first, then 32
+    write_progress(store, sweep.name, spec.trial_id, {"points": [point(16, 3.0), point(24, 2.8)]})
+    assert decide_at_evaluation(store, monitor, spec.trial_id, 32, {"eval_loss": 2.6}) is None
+    rec = Search(sweep, store).records()[0]
+    assert rec["intermediate"] == {"16": 3.0, "24": 2.8, "32": 2.6}
+    assert rec["system_attrs"] == {"completed_rung_0": 3.0, "completed_rung_1": 2.6}
+    # a recorded decision stands, whatever is reported after it
+    rec["decision"] = {"pruned_at": 32, "value": 2.6}
+    store.write_json(f"{sweep.name}/search/trials/00000.json", rec)
+    assert decide_at_evaluation(store, monitor, spec.trial_id, 40, {"eval_loss": 1.0}) == rec["decision"]
+    assert Search(sweep, store).records()[0] == rec
+
+
+def test_a_monitor_carries_the_study_and_each_record_has_one_writer(tmp_path, monkeypatch):
+    """What the trainer decides with comes from monitor.json and the store (no Sweep); after `ask` creates a
+    record, only that trial's decisions write it (the loop writes no intermediate values)."""
+    import finesweep.search as search_mod
+
+    sweep = sweep_from(DECIDE)
+    store = LocalStore(tmp_path / "ask")
+    spec = Search(sweep, store).ask()[0]
+    monitor = read_monitor(store, sweep.name, spec.trial_id)
+    assert monitor["every_examples"] == 8 and monitor["min_examples"] == 16
+    assert monitor["study"]["number"] == 0 and monitor["study"]["sweep"] == sweep.name
+    assert monitor["study"]["prune"]["method"] == "asha" and "lr" in monitor["study"]["distributions"]
+    assert json.loads(json.dumps(monitor)) == monitor
+
+    writes, deciding = [], []
+    real_write, real_decide = search_mod.StoredStudy._write, search_mod.StoredStudy.decide
+
+    def write(self, rec):
+        writes.append((rec["number"], bool(deciding), dict(rec.get("intermediate") or {})))
+        return real_write(self, rec)
+
+    def decide(self, *args, **kwargs):
+        deciding.append(1)
+        try:
+            return real_decide(self, *args, **kwargs)
+        finally:
+            deciding.pop()
+
+    monkeypatch.setattr(search_mod.StoredStudy, "_write", write)
+    monkeypatch.setattr(search_mod.StoredStudy, "decide", decide)
+    loop_store = LocalStore(tmp_path / "loop")
+    run_search(sweep, loop_store, SimulatedBackend(loop_store), poll_s=0)
+    for number in range(3):
+        mine = [w for w in writes if w[0] == number]
+        assert mine[0][1:] == (False, {}), "created empty by ask"
+        assert mine[1:] and all(by_decision for _, by_decision, _ in mine[1:]), "then written by decisions only"
+
+
+def test_a_trial_asked_by_an_older_engine_gets_a_monitor_its_trainer_decides_with(tmp_path):
+    """A trial left unsettled with a monitor.json from before decisions moved to the trainer (no "study"): the
+    loop that carries on rewrites it, so the restarted trainer decides at its evaluations."""
+    sweep = sweep_from(DECIDE)
+    store = LocalStore(tmp_path)
+    search = Search(sweep, store)
+    specs = [search.ask()[0] for _ in range(3)]
+    for spec in specs:
+        old = {k: v for k, v in read_monitor(store, sweep.name, spec.trial_id).items() if k != "study"}
+        store.write_json(f"{trial_prefix(sweep.name, spec.trial_id)}/monitor.json", old)
+    run_search(sweep, store, SimulatedBackend(store, every=8), poll_s=0)
+    assert all(read_monitor(store, sweep.name, s.trial_id)["study"]["number"] == n for n, s in enumerate(specs))
+    assert all(rec["intermediate"] for rec in Search(sweep, store).records()), "every trainer reported"
+
+
 BAD = [
     ("search: {method: bayes, budget: 3, space: {lr: {low: 1.0e-5, high: 1.0e-3}}}", "search.method"),
     ("search: {budget: 0, space: {lr: {low: 1.0e-5, high: 1.0e-3}}}", "search.budget"),
@@ -207,8 +382,11 @@ def test_an_objective_not_measured_during_training_cannot_prune():
 
 
 def test_local_search_prunes_and_reports(tmp_path, tiny_model, monkeypatch):
-    """A real local search: tiny trials, two at a time, successive halving prunes the lr 1e-6 trial (the third:
-    at the first rung it must beat the two trials before it), which ends pruned in status, selection and report."""
+    """A real local search: tiny trials one at a time, successive halving prunes the lr 1e-6 trial (the third:
+    at the first rung it must beat the two trials before it) at that very evaluation, and it ends pruned in
+    status, selection and report. One at a time, because with two in flight the set a trial is compared with at
+    a rung is whichever trials have reached it by then (asynchronous successive halving): whether `faster` is
+    pruned by `fast` would depend on which reports first. Sequential, every decision is a function of the data."""
     from submitter.plan import SweepPlan
     from submitter.search_loop import submit_local
 
@@ -228,7 +406,7 @@ def test_local_search_prunes_and_reports(tmp_path, tiny_model, monkeypatch):
         search:
           method: random
           budget: 3
-          parallel: 2
+          parallel: 1
           space: {{lr: {{low: 1.0e-3, high: 5.0e-2, log: true}}}}
         prune: {{method: asha, every_examples: 2, min_examples: 2, reduction_factor: 3}}
     """))
@@ -239,8 +417,17 @@ def test_local_search_prunes_and_reports(tmp_path, tiny_model, monkeypatch):
     status = read_status(store, sweep.name, stuck.trial_id)
     assert status.state is TrialState.PRUNED and status.trained, "pruned: adapter saved, attempt closed as pruned"
     progress = read_progress(store, sweep.name, stuck.trial_id)
-    assert progress["stopped"]["reason"] == "pruned" and progress["stopped"]["step"] < 4
+    # decided at its first evaluation (2 examples = step 1 at batch 2, the first rung) and stopped right there
+    assert progress["stopped"]["reason"] == "pruned" and progress["stopped"]["step"] == 1, progress["stopped"]
+    assert progress["stopped"]["pruned_at"] == 2 and [p["step"] for p in progress["points"]] == [1]
     assert all("eval_loss" in p["metrics"] for p in progress["points"])
+    records = Search(sweep, store).records()
+    assert records[2]["decision"]["pruned_at"] == 2 and list(records[2]["intermediate"]) == ["2"]
+    assert "completed_rung_0" in records[2]["system_attrs"]
+    for rec in records[:2]:  # the trials before it reported the rung the stuck trial was compared at
+        assert "completed_rung_0" in rec["system_attrs"]
+        assert rec["system_attrs"]["completed_rung_0"] < records[2]["system_attrs"]["completed_rung_0"]
+    assert Search(sweep, store).rows()[0].state == "complete", "the first trial has nothing to lose to at a rung"
     assert not store.exists(f"{trial_prefix(sweep.name, stuck.trial_id)}/eval.json"), "a pruned trial is not evaluated"
     best = store.read_json(f"{sweep.name}/best.json")
     assert best["trial_id"] != stuck.trial_id

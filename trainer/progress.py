@@ -1,16 +1,22 @@
 """Evaluation during training for a search: held-out figures at fixed amounts of training data, written to the
-store as they are produced, and a stop request from the search engine honoured at the next evaluation.
+store as they are produced, and the pruning decision made right there, at the evaluation.
 
 A trial is monitored when the engine wrote <trial>/monitor.json before it started ({"every_examples": N,
-"min_examples": M}); other trials train exactly as before. Evaluation points are counted in training examples
-seen (optimizer steps x global batch), not steps, so trials with different batch sizes or accumulation are
-compared at the same amount of data: the trainers' own eval loop (TRL eval_dataset, eval_strategy "steps")
-runs at the first step at or past M, M + N, M + 2N, ... and each point lands in <trial>/progress.json.
+"min_examples": M, "objective": ..., "study": what rebuilding the study needs}); other trials train exactly as
+before. Evaluation points are counted in training examples seen (optimizer steps x global batch), not steps, so
+trials with different batch sizes or accumulation are compared at the same amount of data: the trainers' own
+eval loop (TRL eval_dataset, eval_strategy "steps") runs at the first step at or past M, M + N, M + 2N, ... and
+each point lands in <trial>/progress.json.
 
-A trial told to stop (finesweep.store.request_stop) ends at its next evaluation, or at the end of training if
-that comes first: the recipe saves its adapter and train.json as usual, and the attempt is closed as
-"pruned", so status and report show it pruned, not failed. Only the main process reads the store; in a
-multi-process trial its decision is broadcast so every rank stops at the same step.
+Right after writing a point, the main process asks finesweep.search.decide_at_evaluation: it rebuilds the study
+from the store, reports the point's objective to the trial (Optuna's report + should_prune), and records the
+value, the pruner's attributes and the decision in the trial's own study record. A pruned trial stops at THIS
+evaluation: the recipe saves its adapter and train.json as usual, and the attempt is closed as "pruned", so
+status and report show it pruned, not failed. The decision does not depend on when the search engine looks:
+the same store gives the same decision at the same step, locally or in a pod. A trainer restarted after its
+trial was pruned (a decision recorded, the attempt not yet closed) stops after its first step. Only the main
+process reads and writes the store; in a multi-process trial its decision is broadcast so every rank stops at
+the same step.
 """
 
 from __future__ import annotations
@@ -19,8 +25,7 @@ import logging
 import math
 import time
 
-from finesweep.store import (end_attempt, read_monitor, read_progress, read_status, stop_request, write_progress,
-                             TrialState)
+from finesweep.store import end_attempt, read_monitor, read_progress, read_status, write_progress, TrialState
 
 log = logging.getLogger("finesweep")
 
@@ -100,6 +105,7 @@ def progress_callback(recipe, plan: dict):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.batch = batch = self.record["global_batch"] = global_batch(args)
+            pruned = None
             if state.is_world_process_zero:
                 # A resumed trial (preemption) keeps the points it measured before the checkpoint.
                 earlier = read_progress(store, spec.sweep, spec.trial_id) or {}
@@ -107,12 +113,17 @@ def progress_callback(recipe, plan: dict):
                 log.info("%s: evaluating held-out rows every %d examples from %d (every ~%d steps of %d examples)",
                          recipe.label, plan["every_examples"], plan["min_examples"],
                          max(1, round(plan["every_examples"] / batch)), batch)
+                pruned = _recorded(plan)
+            if _broadcast(pruned is not None):  # pruned before a restart: the decision stands
+                self._stop(state, "after a restart (pruned before it)", pruned)
+                control.should_training_stop = True
+            return control
 
         def on_step_end(self, args, state, control, **kwargs):
             # Evaluate exactly when an evaluation point is crossed; the same arithmetic on every rank.
             step, batch = state.global_step, self.batch
             crossed = point_index(step * batch, plan) > point_index((step - 1) * batch, plan)
-            control.should_evaluate = crossed
+            control.should_evaluate = crossed and self.stopped is None
             return control
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -128,25 +139,26 @@ def progress_callback(recipe, plan: dict):
                      "examples_seen": examples, "step": state.global_step, "at": time.time(),
                      "metrics": {k: float(v) for k, v in metrics.items()
                                  if k.startswith("eval_") and isinstance(v, (int, float)) and math.isfinite(v)}}
-            stop = False
+            decision = None
             if state.is_world_process_zero:
                 self.record["points"].append(point)
                 write_progress(store, spec.sweep, spec.trial_id, self.record)
-                stop = stop_request(store, spec.sweep, spec.trial_id) is not None
-            if _broadcast(stop):
-                self._stop(state, "at an evaluation")
-                control.should_training_stop = True
+                decision = _decide(plan, point)
             log.info("%s: held-out at %d examples (step %d): %s", recipe.label, point["examples"], state.global_step,
                      " ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(point["metrics"].items())
                               if k in ("eval_loss", "eval_rewards/accuracies")))
+            if _broadcast(decision is not None) and self.stopped is None:
+                self._stop(state, f"at the evaluation of {point['examples']} examples", decision)
+                control.should_training_stop = True
             return control
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.stopped is None:
-                # Told to stop after its last evaluation: it still counts as pruned (the engine decided so).
-                asked = state.is_world_process_zero and stop_request(store, spec.sweep, spec.trial_id) is not None
-                if _broadcast(asked):
-                    self._stop(state, "at the end of training")
+                # A decision recorded that this process did not act on (its evaluation's reply was lost): it
+                # still counts as pruned.
+                pruned = _recorded(plan) if state.is_world_process_zero else None
+                if _broadcast(pruned is not None):
+                    self._stop(state, "at the end of training", pruned)
             if self.stopped is not None and state.is_world_process_zero:
                 self.record["stopped"] = self.stopped
                 write_progress(store, spec.sweep, spec.trial_id, self.record)
@@ -155,10 +167,38 @@ def progress_callback(recipe, plan: dict):
                 if read_status(store, spec.sweep, spec.trial_id).state is TrialState.RUNNING:
                     end_attempt(store, spec.sweep, spec.trial_id, "pruned")
 
-        def _stop(self, state, where: str):
+        def _stop(self, state, where: str, decision: dict | None):
             examples = state.global_step * self.batch
             self.stopped = {"reason": "pruned", "step": state.global_step, "examples_seen": examples, "where": where}
-            log.info("%s: stop requested by the search: pruned %s, step %d (%d examples)", recipe.label, where,
-                     state.global_step, examples)
+            if decision:  # known on the main process only
+                self.stopped["pruned_at"] = decision["pruned_at"]
+                self.stopped["value"] = decision["value"]
+            log.info("%s: stop requested by the search: pruned %s, step %d (%d examples)%s", recipe.label, where,
+                     state.global_step, examples,
+                     f": {plan.get('objective')} {decision['value']:.4g} at {decision['pruned_at']} examples"
+                     if decision else "")
+
+    def _decide(plan: dict, point: dict) -> dict | None:
+        """The pruner's decision at this point (main process). A failure to decide (the store unreachable, a
+        study started over under this trial) is logged and the trial trains on (a lost decision must not fail
+        the run): the next evaluation reports the missed point, from progress.json, before its own."""
+        from finesweep.search import decide_at_evaluation
+
+        try:
+            return decide_at_evaluation(store, plan, spec.trial_id, point["examples"], point["metrics"])
+        except Exception as err:  # noqa: BLE001 - a lost decision must not fail a training run
+            log.warning("%s: no pruning decision at %d examples: %s: %s", recipe.label, point["examples"],
+                        type(err).__name__, err)
+            return None
+
+    def _recorded(plan: dict) -> dict | None:
+        from finesweep.search import recorded_decision
+
+        try:
+            return recorded_decision(store, plan, spec.trial_id)
+        except Exception as err:  # noqa: BLE001
+            log.warning("%s: could not read the trial's pruning decision: %s: %s", recipe.label,
+                        type(err).__name__, err)
+            return None
 
     return SearchProgress()

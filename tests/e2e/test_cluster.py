@@ -439,7 +439,7 @@ def search_sweep_text() -> str:
 
 def test_search_sweep_prunes_in_pods_two_at_a_time(release, tmp_path):
     """A search with successive halving through the controller: trial Jobs two at a time, the lr 1e-6 trial (or
-    another loser at a rung) pruned inside its pod by a stop request in the store, decisions in `kubectl logs`,
+    another loser at a rung) pruned inside its pod by the decision its trainer takes at the evaluation, decisions in `kubectl logs`,
     pruned trials marked in the report."""
     from finesweep.store import read_progress, read_status
 
