@@ -1,5 +1,6 @@
 # finesweep: LoRA SFT -> DPO sweeps, locally or as Kubernetes Jobs.
 #   make submit SWEEP=smoke          set up (idempotent), build the tiny model, run jobs/smoke.yaml locally
+#   make submit SWEEP=real           the same on the real chat model (make real-model: SmolLM2-135M-Instruct)
 #   make test                        every test suite (what CI runs): test-unit, then e2e on a local cluster
 #   make status|logs|report|cancel SWEEP=...   the sweep's trials, logs, reports; cancel stops its Jobs (k8s)
 # Every target runs the installed console script .venv/bin/finesweep (the same as `finesweep --help`).
@@ -35,7 +36,7 @@ build/tiny-llama/finesweep-tiny.json: trainer/tiny_model.py | setup
 
 tiny-model: setup build/tiny-llama/finesweep-tiny.json
 
-submit: setup tiny-model
+submit: setup tiny-model $(if $(filter real,$(SWEEP)),real-model)
 	$(SUBMIT) submit $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait)
 
 status: setup
@@ -52,10 +53,10 @@ cancel: setup
 
 test: test-unit e2e
 
-test-unit: setup tiny-model
+test-unit: setup tiny-model real-model
 	$(PY) -m pytest -q tests --ignore=tests/e2e
 
-test-fast: setup tiny-model
+test-fast: setup tiny-model real-model
 	$(PY) -m pytest -q tests --ignore=tests/e2e -m "not slow"
 
 clean:
