@@ -375,6 +375,37 @@ def trial_state(store: ArtifactStore, sweep: str, trial_id: str) -> str:
     return read_status(store, sweep, trial_id).state.value
 
 
+class NextAction(str, Enum):
+    """What a submit does with a trial (next_action): the one rule every loop applies."""
+
+    RUN = "run"  # never started, or carried on as its current attempt (running, stopped, preempted, trained)
+    RETRY = "retry"  # its current attempt failed, below the attempt limit: run again as attempt n+1
+    SKIP = "skip"  # finished for good: done, or pruned by a search (a pruned trial is never run again)
+    OVER_LIMIT = "over_limit"  # failed `max_attempts` times: left failed until a submit raises --max-attempts
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def next_action(status: TrialStatus, max_attempts: int) -> NextAction:
+    """Whether a submit runs a trial, retries it, skips it, or leaves it failed at its attempt limit. The one rule
+    for every loop (submitter/local.py run_sweep, the search loop's backends, the k8s submit): a copy per loop is
+    how `--max-attempts` came to be ignored by search sweeps. start_attempt then numbers the attempt (n+1 after
+    a failure, the same one otherwise)."""
+    if status.state in (TrialState.DONE, TrialState.PRUNED):
+        return NextAction.SKIP
+    if status.state is TrialState.FAILED:
+        return NextAction.OVER_LIMIT if status.failed_attempts >= max_attempts else NextAction.RETRY
+    return NextAction.RUN
+
+
+def over_limit_note(status: TrialStatus, max_attempts: int) -> str:
+    """Why a trial at its attempt limit is not run, and how to run it again (for NextAction.OVER_LIMIT)."""
+    last = f"{status.failure.phase}: {status.failure.reason}" if status.failure is not None else "unknown"
+    return (f"failed {status.failed_attempts} attempt(s), the limit ({max_attempts}); not retried (last: {last}). "
+            f"Fix the cause, then submit with --max-attempts {status.failed_attempts + 1}")
+
+
 def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
                   job: str | None = None) -> TrialStatus:
     """Record that the trial is (re)started and return its new status. After a failed attempt this is attempt

@@ -108,9 +108,9 @@ def _max_attempts(args) -> int:
 
 def cancel(args, store: ArtifactStore) -> int:
     """k8s: delete the pipeline's controller Job and ConfigMap, then the sweep's Jobs (pods by propagation)
-    and ConfigMaps, and mark its unfinished trials stopped in the store; finished artifacts stay, and a later
-    submit carries on. Local: trials run in the foreground `submit` process only, so there is nothing else to
-    stop (Ctrl-C stops that one)."""
+    and ConfigMaps, and mark its unfinished trials stopped in the store (a search sweep's: every trial of its
+    study, as `status` lists them); finished artifacts stay, and a later submit carries on. Local: trials run
+    in the foreground `submit` process only, so there is nothing else to stop (Ctrl-C stops that one)."""
     plans = load_plan(args.sweep, store, allow_unresolved=True)
     resolve_recorded_starts(plans, store)
     if args.backend != "k8s":
@@ -127,7 +127,7 @@ def cancel(args, store: ArtifactStore) -> int:
     for plan in plans:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
         stopped = 0
-        for spec in plan.all_specs() if plan.resolved else []:
+        for spec in _specs(plan, store) if plan.resolved else []:
             if read_status(store, spec.sweep, spec.trial_id).state is TrialState.RUNNING:
                 end_attempt(store, spec.sweep, spec.trial_id, "stopped")
                 stopped += 1
@@ -146,10 +146,11 @@ def k8s_overrides(args) -> dict:
 
 
 def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, rows: list[dict]) -> int:
-    """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep)."""
+    """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep), a search sweep's
+    suggested trials included."""
     from .k8s_backend import record_job_failures
 
-    return record_job_failures(store, plan.all_specs(), rows)
+    return record_job_failures(store, _specs(plan, store), rows)
 
 
 def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
@@ -183,7 +184,9 @@ class SweepStopped(RuntimeError):
 
 
 def _specs(plan: SweepPlan, store: ArtifactStore) -> list:
-    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search)."""
+    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search). Every command
+    that looks trials up (status, cancel, logs) goes through here: plan.all_specs() alone misses the trials a
+    search suggested."""
     if plan.sweep.search is None:
         return plan.all_specs()
     from .search_loop import study_specs
@@ -272,7 +275,7 @@ def logs(args, store: ArtifactStore) -> int:
 
         settings = k8s_backend.load_settings(k8s_overrides(args))
         for plan in plans:
-            trial = _match_trial(plan, args.trial) if args.trial else None
+            trial = _match_trial(plan, store, args.trial) if args.trial else None
             if args.trial and trial is None:
                 continue
             k8s_backend.follow_logs(plan.sweep.name, trial, settings)
@@ -298,8 +301,8 @@ def logs(args, store: ArtifactStore) -> int:
     return 0
 
 
-def _match_trial(plan: SweepPlan, wanted: str) -> str | None:
+def _match_trial(plan: SweepPlan, store: ArtifactStore, wanted: str) -> str | None:
     if not plan.resolved:
         return None
-    return next((s.trial_id for s in plan.all_specs() if wanted in (s.name, s.trial_id)), None)
+    return next((s.trial_id for s in _specs(plan, store) if wanted in (s.name, s.trial_id)), None)
 

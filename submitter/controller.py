@@ -155,16 +155,27 @@ class K8sSearchBackend:
         self.scheduled: dict[str, object] = {}
 
     def schedule(self, spec) -> None:
-        from finesweep.store import SETTLED, start_attempt
+        from finesweep.store import NextAction, next_action, over_limit_note, start_attempt
 
         from . import k8s_backend
         from .k8s_manifests import job_name
 
         self.scheduled[spec.trial_id] = spec
         status = read_status(self.store, spec.sweep, spec.trial_id)
-        if status.state in SETTLED:
+        action = next_action(status, self.max_attempts)  # the store's one rule, as every other loop applies it
+        if action is NextAction.SKIP:
             return
-        if status.attempt == 0:  # never started: record attempt 1 and its Job name first
+        if action is NextAction.OVER_LIMIT:
+            log.warning("%s: trial %s (%s): %s", self.stage, spec.name, spec.trial_id,
+                        over_limit_note(status, self.max_attempts))
+            return
+        if action is NextAction.RETRY:
+            # The failed attempt's Job and ConfigMap go first; the new attempt's Job name is recorded before the
+            # Job exists, so a replacement controller creates it at most once.
+            k8s_backend._delete_trial_objects(self.batch, self.core, self.settings, job_name(spec, status.attempt))
+            status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name,
+                                   job=job_name(spec, status.attempt + 1))
+        elif status.attempt == 0:  # never started: record attempt 1 and its Job name first
             status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name, job=job_name(spec, 1))
         attempt = max(status.attempt, 1)
         name = job_name(spec, attempt)

@@ -198,26 +198,27 @@ class AttemptStep:
 
 def plan_attempts(trials: list[TrialSpec], statuses: dict[str, TrialStatus] | None, max_attempts: int,
                   out: TextIO) -> list[AttemptStep]:
-    """The one rule for which trials a submit (or its dry run) runs, shared with nothing else: done trials are
-    skipped, failed ones retried below the attempt limit, the rest run as their current attempt. Without
-    statuses (a dry run that cannot read the store) every trial is attempt 1."""
+    """Which trials a submit (or its dry run) runs, by the store's one rule (finesweep.store.next_action): done
+    trials are skipped, failed ones retried below the attempt limit, the rest run as their current attempt.
+    Without statuses (a dry run that cannot read the store) every trial is attempt 1."""
+    from finesweep.store import NextAction, next_action, over_limit_note
+
     steps = []
     for spec in trials:
         status_ = statuses.get(spec.trial_id) if statuses is not None else None
         if status_ is None:
             steps.append(AttemptStep(spec, 1))
-        elif status_.state is TrialState.DONE:
-            print(f"{_who(spec)}: done in the store, not submitted", file=out)
-        elif status_.state is TrialState.FAILED:
-            if status_.failed_attempts >= max_attempts:
-                print(f"{_who(spec)}: failed {status_.failed_attempts} attempt(s), the limit ({max_attempts}); "
-                      f"not retried (last: {status_.failure.phase}: {status_.failure.reason}). Fix the cause, "
-                      f"then submit with --max-attempts {status_.failed_attempts + 1}", file=out)
-            else:
-                current = max(status_.attempt, 1)
-                steps.append(AttemptStep(spec, current + 1, retry_of=current))
+            continue
+        action = next_action(status_, max_attempts)
+        current = max(status_.attempt, 1)
+        if action is NextAction.SKIP:
+            print(f"{_who(spec)}: {status_.state.value} in the store, not submitted", file=out)
+        elif action is NextAction.OVER_LIMIT:
+            print(f"{_who(spec)}: {over_limit_note(status_, max_attempts)}", file=out)
+        elif action is NextAction.RETRY:
+            steps.append(AttemptStep(spec, current + 1, retry_of=current))
         else:
-            steps.append(AttemptStep(spec, max(status_.attempt, 1)))
+            steps.append(AttemptStep(spec, current))
     return steps
 
 

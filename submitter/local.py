@@ -13,9 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, TrialState, end_attempt,
-                             failure_line, read_status, record_failure, start_attempt, trial_prefix)
-from finesweep.spec import TrialSpec
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
+                             TrialStatus, end_attempt, failure_line, next_action, over_limit_note, read_status,
+                             record_failure, start_attempt, trial_prefix)
+from finesweep.spec import Sweep, TrialSpec
 
 from .plan import SweepPlan, select_best, write_spec
 
@@ -58,48 +59,88 @@ def _noise(line: str) -> bool:
     return "Warning" in line and "finesweep" not in line
 
 
+def tracking_env(sweep: Sweep) -> dict[str, str] | None:
+    """The sweep's `tracking:` block as its trials' MLFLOW_* settings (TrackingSpec.env), for run_phase. Every
+    loop that runs trials on this machine (run_sweep, search_loop.LocalBackend) takes them from here, so a list
+    trial and a search trial of the same file are tracked alike."""
+    return sweep.tracking.env(sweep.name) if sweep.tracking else None
+
+
+# What became of a trial this time (run_trial, begin_trial, run_phases).
+SKIPPED, OVER_LIMIT, DONE, PRUNED, FAILED = "skipped", "over_limit", "done", "pruned", "failed"
+
+
+def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
+                label: str) -> tuple[str | None, TrialStatus]:
+    """The first half of run_trial: store.next_action decides whether the trial runs, is retried (attempt n+1),
+    is skipped or is over its attempt limit, and a trial to run gets its attempt recorded. Returns (None, the
+    started attempt's status) to run it, else (SKIPPED or OVER_LIMIT, its status). Split from run_phases so the
+    search loop's backend records the attempt before it returns, as the loop reads what is under way from the
+    store; the phases then run in a thread."""
+    status = read_status(store, spec.sweep, spec.trial_id)
+    action = next_action(status, max_attempts)
+    if action is NextAction.SKIP:
+        log.info("%s already %s; skipping", label, status.state.value)
+        return SKIPPED, status
+    if action is NextAction.OVER_LIMIT:
+        log.error("%s %s", label, over_limit_note(status, max_attempts))
+        return OVER_LIMIT, status
+    return None, start_attempt(store, spec.sweep, spec.trial_id, "local")
+
+
+def run_phases(spec: TrialSpec, status: TrialStatus, store: ArtifactStore, store_url: str,
+               tracking: dict[str, str] | None, label: str) -> str:
+    """The second half of run_trial, for the attempt begin_trial started: train (unless trained) and evaluate,
+    with the sweep's `tracking` settings (tracking_env). A trial its trainer pruned for a search is not
+    evaluated. Returns DONE, PRUNED or FAILED (failed, or preempted: the next submit resumes it)."""
+    train = spec.trains and not status.trained
+    log.info("%s %s (attempt %d)", label, "training" if train else "evaluating", status.attempt)
+    code = 0
+    try:
+        if train:
+            code = run_phase("trainer", spec, store, store_url, tracking)
+            if read_status(store, spec.sweep, spec.trial_id).state is TrialState.PRUNED:
+                return PRUNED  # its trainer stopped it for the search: not evaluated, not a candidate for best
+        if code == 0:
+            code = run_phase("evaluator", spec, store, store_url, tracking)
+    except KeyboardInterrupt:
+        end_attempt(store, spec.sweep, spec.trial_id, "stopped")  # not failed: the next submit carries on
+        raise
+    if code == 0:
+        end_attempt(store, spec.sweep, spec.trial_id, "done")
+        return DONE
+    log.error("%s failed (exit %d)%s; going on with the rest", label, code,
+              " after a preemption: the next submit resumes it" if code == PREEMPTED_EXIT else "")
+    return FAILED
+
+
+def run_trial(spec: TrialSpec, store: ArtifactStore, store_url: str, max_attempts: int,
+              tracking: dict[str, str] | None, label: str) -> str:
+    """Run one trial (or reference row) on this machine, the one way every local loop does (begin_trial, then
+    run_phases). Returns SKIPPED, OVER_LIMIT, DONE, PRUNED or FAILED. `label` starts its log lines."""
+    outcome, status = begin_trial(spec, store, max_attempts, label)
+    return outcome or run_phases(spec, status, store, store_url, tracking, label)
+
+
 def run_sweep(plan: SweepPlan, store: ArtifactStore, store_url: str,
               max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
-    """Run every unfinished trial of one sweep; returns counts. Finished trials are skipped; a failed one runs
-    again as its next attempt until it has failed `max_attempts` times (then it is counted failed, not run)."""
+    """Run every unfinished trial of one sweep (run_trial); returns counts. Finished trials are skipped; a failed
+    one runs again as its next attempt until it has failed `max_attempts` times (then it is counted failed, not
+    run)."""
     sweep = plan.sweep
     specs = plan.all_specs()
     counts = {"done_before": 0, "ran": 0, "failed": 0}
     log.info("sweep %s (%s): %d trials + %d reference rows -> %s", sweep.name, sweep.stage, len(plan.trials()),
              len(plan.references()), store.url)
+    tracking = tracking_env(sweep)
     for i, spec in enumerate(specs, 1):
-        status = read_status(store, spec.sweep, spec.trial_id)
-        tag = f"[{i}/{len(specs)}] {spec.name} ({spec.trial_id})"
-        if status.done:
+        label = f"sweep {sweep.name}: [{i}/{len(specs)}] {spec.name} ({spec.trial_id})"
+        outcome = run_trial(spec, store, store_url, max_attempts, tracking, label)
+        if outcome == SKIPPED:
             counts["done_before"] += 1
-            log.info("sweep %s: %s already done; skipping", sweep.name, tag)
-            continue
-        if status.state is TrialState.FAILED and status.failed_attempts >= max_attempts:
-            counts["failed"] += 1
-            log.error("sweep %s: %s failed %d attempt(s), the limit (%d); not retried (last: %s: %s). Fix the "
-                      "cause, then submit with --max-attempts %d", sweep.name, tag, status.failed_attempts,
-                      max_attempts, status.failure.phase, status.failure.reason, status.failed_attempts + 1)
-            continue
-        status = start_attempt(store, spec.sweep, spec.trial_id, "local")
-        train = spec.trains and not status.trained
-        log.info("sweep %s: %s %s (attempt %d)", sweep.name, tag, "training" if train else "evaluating",
-                 status.attempt)
-        code = 0
-        tracking = sweep.tracking.env(sweep.name) if sweep.tracking else None
-        try:
-            if train:
-                code = run_phase("trainer", spec, store, store_url, tracking)
-            if code == 0:
-                code = run_phase("evaluator", spec, store, store_url, tracking)
-        except KeyboardInterrupt:
-            end_attempt(store, spec.sweep, spec.trial_id, "stopped")  # not failed: the next submit carries on
-            raise
-        if code == 0:
-            end_attempt(store, spec.sweep, spec.trial_id, "done")
+        elif outcome == DONE:
             counts["ran"] += 1
-        else:
+        elif outcome in (OVER_LIMIT, FAILED):
             counts["failed"] += 1
-            log.error("sweep %s: %s failed (exit %d)%s; going on with the rest", sweep.name, tag, code,
-                      " after a preemption: the next submit resumes it" if code == PREEMPTED_EXIT else "")
     select_best(sweep, store, plan.trials())
     return counts

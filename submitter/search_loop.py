@@ -18,8 +18,8 @@ from typing import Protocol
 
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, SETTLED, ArtifactStore, TrialState, end_attempt, read_status,
-                             start_attempt)
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, SETTLED, ArtifactStore, NextAction, TrialStatus, next_action,
+                             read_status)
 
 log = logging.getLogger("finesweep")
 
@@ -30,54 +30,59 @@ class Backend(Protocol):
     by itself: its trainer makes the decision, so a backend has nothing to deliver.)"""
 
     name: str
+    # submit --max-attempts: run_search retries a failed trial (store.next_action) until it has failed this often.
+    max_attempts: int
 
     def schedule(self, spec: TrialSpec) -> None:
-        """Train (unless trained) and evaluate the trial, or for a reference row only evaluate it. Idempotent: a
-        trial already under way on this backend, or settled in the store, is left alone. A trial its trainer
-        closed as pruned is not evaluated."""
+        """Train (unless trained) and evaluate the trial, or for a reference row only evaluate it, deciding by
+        store.next_action: a trial whose last attempt failed below `max_attempts` is retried as its next attempt.
+        Idempotent: a trial already under way on this backend, or done or pruned in the store, is left alone. A
+        trial its trainer closed as pruned is not evaluated. The attempt is recorded in the store before it
+        returns: the loop counts what is under way from the store."""
 
     def wait(self, seconds: float) -> None:
         """Block until something may have changed (or `seconds` passed)."""
 
 
 class LocalBackend:
-    """Trials as child processes on this machine (submitter.local.run_phase), each trial in a thread of its own
-    so `parallel` of them run at once; a trial the search pruned is not evaluated."""
+    """Trials as child processes on this machine, each trial in a thread of its own so `parallel` of them run at
+    once. A trial runs exactly as the list loop runs it (submitter.local.begin_trial + run_phases: the attempt
+    rule, the sweep's tracking settings); a trial the search pruned is not evaluated. `sweep`: the sweep the
+    trials belong to, for its `tracking:` settings (local.tracking_env); without it they run untracked."""
 
     name = "local"
 
-    def __init__(self, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS):
+    def __init__(self, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 sweep: Sweep | None = None):
+        from . import local
+
         self.store, self.store_url, self.max_attempts = store, store_url, max_attempts
+        self.tracking = local.tracking_env(sweep) if sweep is not None else None
         self.threads: dict[str, threading.Thread] = {}
         self.changed = threading.Event()
 
     def schedule(self, spec: TrialSpec) -> None:
+        from . import local
+
         thread = self.threads.get(spec.trial_id)
         if thread is not None and thread.is_alive():
             return
-        thread = threading.Thread(target=self._run, args=(spec,), name=f"trial-{spec.name}", daemon=True)
+        label = f"search {spec.sweep}: {spec.name} ({spec.trial_id})"
+        # Decided and recorded here, not in the thread: once this returns, the store shows the attempt under
+        # way (a retried trial is no longer `failed`), so the loop neither stops early nor over-fills `parallel`.
+        outcome, status = local.begin_trial(spec, self.store, self.max_attempts, label)
+        if outcome is not None:
+            return  # done, pruned, or over its attempt limit: the store already says so
+        thread = threading.Thread(target=self._run, args=(spec, status, label), name=f"trial-{spec.name}",
+                                  daemon=True)
         self.threads[spec.trial_id] = thread
         thread.start()
 
-    def _run(self, spec: TrialSpec) -> None:
-        from .local import run_phase
+    def _run(self, spec: TrialSpec, status: TrialStatus, label: str) -> None:
+        from . import local
 
         try:
-            status = read_status(self.store, spec.sweep, spec.trial_id)
-            if status.state in SETTLED:
-                return
-            status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name)
-            code = 0
-            if spec.trains and not status.trained:
-                code = run_phase("trainer", spec, self.store, self.store_url)
-            if read_status(self.store, spec.sweep, spec.trial_id).state is TrialState.PRUNED:
-                return  # the trainer stopped it for the search: no evaluation, it is not a candidate for best
-            if code == 0:
-                code = run_phase("evaluator", spec, self.store, self.store_url)
-            if code == 0:
-                end_attempt(self.store, spec.sweep, spec.trial_id, "done")
-            else:
-                log.error("search %s: %s (%s) failed (exit %d)", spec.sweep, spec.name, spec.trial_id, code)
+            local.run_phases(spec, status, self.store, self.store_url, self.tracking, label)
         except Exception as err:  # a thread's exception would vanish: record it as the trial's failure
             from finesweep.store import record_failure
 
@@ -95,17 +100,39 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
                poll_s: float = 1.0, max_new: int | None = None) -> dict:
     """Run the search sweep until its budget is spent and every trial has settled; returns counts. The
     reference rows (base model, DPO start) are evaluated first: guardrails and the report compare against them.
-    `max_new` stops after asking for that many new trials and letting them settle (tests: an interrupted run)."""
+    `max_new` stops after asking for that many new trials and letting them settle (tests: an interrupted run).
+
+    Which trials run is the list loop's rule (store.next_action, with the backend's `max_attempts`): on a
+    resubmit, a trial left running or unstarted carries on, and one that failed below the limit is retried as
+    its next attempt, once per run (one that fails again waits for the next submit, as in the list loop)."""
     search = Search(sweep, store, start)
-    refs = [s for s in sweep.reference_specs(start) if not read_status(store, s.sweep, s.trial_id).state in SETTLED]
-    for spec in refs:
+    limit = getattr(backend, "max_attempts", DEFAULT_MAX_ATTEMPTS)  # a backend without one: the default limit
+    scheduled: set[str] = set()
+
+    def due(spec: TrialSpec) -> NextAction | None:
+        """What this run does with `spec`: RUN or RETRY to schedule it, None to leave it."""
+        if spec.trial_id in scheduled:
+            return None
+        action = next_action(read_status(store, spec.sweep, spec.trial_id), limit)
+        return action if action in (NextAction.RUN, NextAction.RETRY) else None
+
+    def schedule(spec: TrialSpec) -> None:
+        scheduled.add(spec.trial_id)
         backend.schedule(spec)
+
+    refs = [s for s in sweep.reference_specs(start) if due(s)]
+    for spec in refs:
+        schedule(spec)
     while any(read_status(store, s.sweep, s.trial_id).state not in SETTLED for s in refs):
         backend.wait(poll_s)
-    for spec in search.unsettled():  # left running or unstarted by an earlier run: carry on
-        log.info("search %s: carrying on with %s (%s)", sweep.name, spec.name, spec.trial_id)
-        search.ensure_monitor(spec)
-        backend.schedule(spec)
+    for rec in search.records():  # left running, unstarted or failed by an earlier run: carry on, or retry
+        spec = search.spec_of(rec)
+        action = due(spec) if rec.get("alias_of") is None else None
+        if action is not None:
+            log.info("search %s: %s %s (%s)", sweep.name,
+                     "retrying" if action is NextAction.RETRY else "carrying on with", spec.name, spec.trial_id)
+            search.ensure_monitor(spec)
+            schedule(spec)
     asked, exhausted = 0, False
     told: set[str] = set()
     while True:
@@ -118,8 +145,10 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
                 break
             asked += 1
             spec, needs_run = got
-            if needs_run:
-                backend.schedule(spec)
+            # needs_run: new and unsettled. A trial that failed in an earlier study of this store is asked
+            # again as a settled one; the attempt rule retries it like any other failed trial.
+            if needs_run or due(spec):
+                schedule(spec)
                 active.append(spec)
         if not active and (exhausted or (max_new is not None and asked >= max_new)):
             break
@@ -177,6 +206,6 @@ def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int =
         from .plan import resolve_start
 
         plan.start = resolve_start(plan.sweep, store)
-    counts = run_search(plan.sweep, store, LocalBackend(store, store_url, max_attempts), plan.start)
+    counts = run_search(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep), plan.start)
     finish(plan.sweep, store, plan.start)
     return counts["fail"]

@@ -1102,8 +1102,20 @@ def test_search_backend_creates_each_trials_job_once_across_controllers(fake_clu
     _fail_job(fake_cluster, km.job_name(first), exit_code=137, reason="OOMKilled")
     replacement.wait(0)
     assert read_status(store, first.sweep, first.trial_id).state.value == "failed"
-    replacement.schedule(first)  # failed is settled for the search: no retry inside the loop
-    assert fake_cluster.created_jobs == [km.job_name(first)]
+    # Scheduled again (a resubmit's loop carries on with it), a failed trial is retried by the store's one rule
+    # (finesweep.store.next_action) as attempt 2: a Job of its own, recorded before it is created.
+    replacement.schedule(first)
+    assert fake_cluster.created_jobs == [km.job_name(first), km.job_name(first, 2)]
+    status = read_status(store, first.sweep, first.trial_id)
+    assert status.attempt == 2 and status.attempts[-1].job == km.job_name(first, 2)
+    # At the attempt limit it is left failed: no third Job.
+    _fail_job(fake_cluster, km.job_name(first, 2), exit_code=137, reason="OOMKilled")
+    limited = K8sSearchBackend(store, STORE_URL, settings, 2)
+    limited.schedule(first)  # attempt 2 is under way: its Job exists, nothing new
+    limited.wait(0)
+    limited.schedule(first)
+    assert fake_cluster.created_jobs == [km.job_name(first), km.job_name(first, 2)]
+    assert read_status(store, first.sweep, first.trial_id).failed_attempts == 2
 
 
 def test_controller_waits_out_a_store_outage_and_not_a_bug(monkeypatch, tmp_path, caplog):
