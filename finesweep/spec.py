@@ -94,8 +94,10 @@ class DatasetSpec:
 class BenchmarkSpec:
     """GSM8K's test split scored by exact match of the final number (a math SFT sweep's real benchmark row)."""
 
-    # `datasets.load_dataset` path: openai/gsm8k on the Hub, or a local JSONL with question/answer fields
-    # (a local file is the test split itself: `split` applies to Hub datasets and folders).
+    # `datasets.load_dataset` path: openai/gsm8k on the Hub, or a local file or folder with question/answer fields
+    # (a local file is the test split itself: `split` applies to Hub datasets and folders, e.g. a folder holding
+    # train.jsonl and test.jsonl). `name` is the Hub config; the default `main` (openai/gsm8k's) is ignored by a
+    # local file or folder that has no such config, any other name it lacks is refused (trainer.data.resolve_source).
     path: str = "openai/gsm8k"
     name: str | None = "main"
     split: str = "test"
@@ -563,6 +565,8 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
     if not dataset.path.strip() or len(dataset.path) > MAX_TEXT:
         raise SweepError(source, at("dataset.path"), "is empty or absurdly long",
                          "name a Hub dataset id, a local file or a folder")
+    if dataset.name is not None and not dataset.name.strip():
+        raise SweepError(source, at("dataset.name"), "is blank", "leave it out, or name a config of a Hub dataset")
     if dataset.seed < 0:
         raise SweepError(source, at("dataset.seed"), f"{dataset.seed} is negative", "use a seed of 0 or more")
     if dataset.min_answer_chars < 0:
@@ -579,12 +583,18 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
                              "use a positive number")
     if eval_spec.benchmark is not None:
         bench = eval_spec.benchmark
-        if bench.rows <= 0 or bench.max_new_tokens <= 0:
-            raise SweepError(source, at("eval.benchmark.rows"), "rows and max_new_tokens must be positive",
+        if bench.rows <= 0:
+            raise SweepError(source, at("eval.benchmark.rows"), f"{bench.rows} is not positive",
                              "score e.g. `rows: 250` of GSM8K's test split")
-        if not bench.path.strip():
-            raise SweepError(source, at("eval.benchmark.path"), "is empty",
-                             "use openai/gsm8k or a local JSONL with question/answer fields")
+        if bench.max_new_tokens <= 0:
+            raise SweepError(source, at("eval.benchmark.max_new_tokens"), f"{bench.max_new_tokens} is not positive",
+                             "give the answers room, e.g. `max_new_tokens: 256`")
+        if not bench.path.strip() or len(bench.path) > MAX_TEXT:
+            raise SweepError(source, at("eval.benchmark.path"), "is empty or absurdly long",
+                             "use openai/gsm8k, or a local JSONL file or folder with question/answer fields")
+        if bench.name is not None and not bench.name.strip():
+            raise SweepError(source, at("eval.benchmark.name"), "is empty",
+                             "leave it out (openai/gsm8k's `main` is the default), or name a config")
     if eval_spec.heldout_rows < 0:
         raise SweepError(source, at("eval.heldout_rows"), "is negative", "use 0 (none) or more rows")
     select = _check_select(_build(SelectSpec, raw.get("select", {}), source, at("select")), stage, source, at)
@@ -669,9 +679,31 @@ def _expand_trials(raw: dict, source: str, where: str, stage: str) -> list[tuple
     return result
 
 
+# Hyper keys a stage's trainer never reads (trainer/sft.py, dpo.py, recipe.py: only DPOConfig takes beta). The
+# trial id hashes every Hyper field, so a value other than the default would be a new trial id for the very same
+# model: a search varying it, or two trials differing only in it, train one model twice under two ids.
+STAGE_IGNORES = {"sft": ("beta",), "dpo": ()}
+
+
+def _check_read_by_stage(source: str, where: str, stage: str, hyper: Hyper | None = None,
+                         searched: frozenset | set = frozenset()) -> None:
+    """The one rule for what the stage ignores (STAGE_IGNORES): `hyper` (a trial, a grid point, `defaults:`) may
+    not set such a key to anything but its default (_check_hyper), and a search space may not vary it at all,
+    even over one value or as a tie (`searched`, parse_search)."""
+    for key in STAGE_IGNORES.get(stage, ()):
+        # != is also true for NaN, which is never the default.
+        if key in searched or (hyper is not None and getattr(hyper, key) != getattr(Hyper, key)):
+            readers = " or ".join(f"`stage: {s}`" for s in STAGES if key not in STAGE_IGNORES[s])
+            raise SweepError(source, f"{where}.{key}", f"{key} is not used by {stage.upper()} training, so each "
+                             "value would train the same model under another trial id",
+                             f"remove `{key}` from this {stage} sweep (it applies to {readers} sweeps)")
+
+
 def _check_hyper(h: Hyper, source: str, where: str, stage: str) -> None:
     def bad(key: str, problem: str, fix: str):
         raise SweepError(source, f"{where}.{key}", problem, fix)
+
+    _check_read_by_stage(source, where, stage, hyper=h)
 
     if h.r <= 0:
         bad("r", f"LoRA rank {h.r} is not positive", "use a rank such as 4, 8 or 16")
@@ -934,6 +966,11 @@ def parse_search(raw: dict, source: str, where: str, stage: str, select: SelectS
                          "`grid:` entries, which run first and count toward it",
                          f"use a budget of at least {fixed + 1} to let the search add trials")
     space = _parse_space(search_raw.get("space"), source, at("search.space"), method)
+    _check_read_by_stage(source, at("search.space"), stage, searched={p.key for p in space})
+    # Every suggestion starts from `defaults:`; checked here so that an ignored key set there names `defaults`,
+    # not the space (_check_space_values below checks the defaults merged into the space's values).
+    base = _build(Hyper, dict(raw.get("defaults") or {}), source, at("defaults"))
+    _check_read_by_stage(source, at("defaults"), stage, hyper=base)
     _check_space_values(raw, space, source, at("search.space"), stage)
     if any(p.key == "beta" for p in space):
         uses = [select.metric, select.tie_break, *(g.metric for g in select.guardrails)]
@@ -941,7 +978,7 @@ def parse_search(raw: dict, source: str, where: str, stage: str, select: SelectS
             raise SweepError(source, at("search.space.beta"), "beta is searched and select uses reward_margin, "
                              "which scales with beta", "select by logratio_margin or heldout_dpo_loss")
     search = SearchSpec(method, numbers["seed"], numbers["budget"], numbers["parallel"], space,
-                        numbers["startup_trials"], _build(Hyper, dict(raw.get("defaults") or {}), source, at("defaults")))
+                        numbers["startup_trials"], base)
     if prune_raw is None:
         return search, None
     return search, _parse_prune(prune_raw, source, at, stage, select, dataset, eval_spec)

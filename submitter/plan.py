@@ -85,12 +85,13 @@ def resolve_recorded_starts(plans: list[SweepPlan], store: ArtifactStore) -> Non
 
 
 def sources(sweep: Sweep, store: ArtifactStore | None) -> list[tuple[str, str, dict | None]]:
-    """(kind, name, its _STAGED record or None) for the model and dataset a sweep loads. A store this machine
-    cannot read (no credentials here: a detached k8s submit) counts as holding nothing: {"unreadable": why}."""
+    """(kind, name, its _STAGED record or None) for the model, the dataset and the benchmark (eval.benchmark, when
+    set) a sweep loads. A store this machine cannot read (no credentials here: a detached k8s submit) counts as
+    holding nothing: {"unreadable": why}."""
     from finesweep import staging
 
     rows = []
-    for kind, name in (("models", sweep.model), ("datasets", sweep.dataset.path)):
+    for kind, name in _loaded(sweep):
         record = None
         if store is not None:
             try:
@@ -102,10 +103,18 @@ def sources(sweep: Sweep, store: ArtifactStore | None) -> list[tuple[str, str, d
     return rows
 
 
+def _loaded(sweep: Sweep) -> list[tuple[str, str]]:
+    """(staging kind, name) of what a sweep's trials load: model, dataset, then the benchmark's dataset."""
+    loaded = [("models", sweep.model), ("datasets", sweep.dataset.path)]
+    if sweep.eval.benchmark is not None and sweep.eval.benchmark.path != sweep.dataset.path:
+        loaded.append(("datasets", sweep.eval.benchmark.path))
+    return loaded
+
+
 def describe_sources(plan: SweepPlan, store: ArtifactStore) -> list[str]:
     """The preflight's account of what a sweep loads and where from, one line each."""
     lines = []
-    for kind, name, record in plan.sources:
+    for i, (kind, name, record) in enumerate(plan.sources):
         if record is not None and "unreadable" in record:
             where = f"cannot tell whether it is staged: the store is not readable here ({record['unreadable']})"
         elif record is not None:
@@ -115,13 +124,15 @@ def describe_sources(plan: SweepPlan, store: ArtifactStore) -> list[str]:
             where = "not staged: a local path, which trial pods must see (a volume), or `finesweep stage` it"
         else:
             where = "not staged: trial pods download it from the Hub (`finesweep stage` it for HF_HUB_OFFLINE=1)"
-        lines.append(f"sweep {plan.sweep.name}: {kind[:-1]} {name}: {where}")
+        what = "benchmark" if i == 2 else kind[:-1]  # _loaded's order: model, dataset, benchmark
+        lines.append(f"sweep {plan.sweep.name}: {what} {name}: {where}")
     return lines
 
 
 def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> list:
-    """Checks that need the file system: local model and data paths (unless staged in the store), eval sets.
-    Returns what `sources` found in the store."""
+    """Checks that need the file system: the local model (unless staged in the store), every dataset reference
+    (dataset:, eval.benchmark:) resolved and, when local, loaded by the trainer's and evaluator's own loader
+    (check_data), and the eval sets by the evaluator's own lookup. Returns what `sources` found in the store."""
     src = sweep.source
     found = sources(sweep, store)
     staged = {(kind, name) for kind, name, record in found if record is not None and "unreadable" not in record}
@@ -129,19 +140,75 @@ def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None)
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
                          "build it (make tiny-model for build/tiny-llama), stage it (finesweep stage), or name a "
                          "Hub model id")
-    paths = [sweep.dataset.path] if _looks_local(sweep.dataset.path) and \
-        ("datasets", sweep.dataset.path) not in staged else []
-    paths += list(sweep.dataset.data_files or [])
-    for p in paths:
-        if not _exists(p):
-            raise SweepError(src, f"{where}dataset", f"local data {p!r} does not exist",
-                             "fix the path (relative to the project root) or use a Hub dataset id")
-    for field, name in (("eval.set", sweep.eval.set), *(("eval.extra_sets", n) for n in sweep.eval.extra_sets)):
+    check_data(sweep, where, staged)
+    sets = [("eval.set", sweep.eval.set), *((f"eval.extra_sets[{i}]", n) for i, n in enumerate(sweep.eval.extra_sets))]
+    for field, name in sets:
         try:
             load_evalset(name)  # the evaluator's own lookup and row checks, so it cannot fail on them later
         except EvalSetError as err:
             raise SweepError(src, f"{where}{field}", err.problem, err.fix) from None
     return found
+
+
+def check_data(sweep: Sweep, where: str = "", staged: set = frozenset()) -> None:
+    """Every dataset reference of `sweep` resolved as the loader resolves it (trainer.data.resolve_source: the
+    one resolution both use) and, for a local file or folder, loaded now by the loader itself: the trainer's
+    load_splits for `dataset:`, the evaluator's load_benchmark for `eval.benchmark:`. What the loader would refuse
+    (a missing file or folder, a split or config it does not have, a slice past the end, columns the format needs)
+    is a SweepError naming the field and the fix. Hub ids are not looked up (no network here: HF_HUB_OFFLINE);
+    a name staged in the store and absent here is what trial pods load, so it is not checked here."""
+    checks = [("dataset", sweep.dataset.path, "check_dataset", sweep.dataset)]
+    if sweep.eval.benchmark is not None:
+        checks.append(("eval.benchmark", sweep.eval.benchmark.path, "check_benchmark", sweep.eval.benchmark))
+    try:
+        from trainer import data
+    except ImportError as err:  # an install without the trainer's libraries: only what the file system says
+        log.debug("dataset checks limited to paths: %s", err)
+        data = None
+    for field, name, check, spec in checks:
+        if ("datasets", name) in staged and not _exists(name):
+            continue
+        if data is None:
+            _check_paths(sweep, where, field, spec)
+            continue
+        try:
+            result = getattr(data, check)(spec)
+        except ImportError as err:  # datasets is not installed here (the controller image): paths only
+            log.info("%s: %s%s: checked as a path only (%s is not installed here)", sweep.source, where, field,
+                     getattr(err, "name", None) or err)
+            _check_paths(sweep, where, field, spec)
+            continue
+        except data.DatasetError as err:
+            at = f"{where}{field}" + ("" if err.field == "" else f".{err.field or 'path'}")
+            raise SweepError(sweep.source, at, _one_line(err.problem),
+                             _one_line(err.fix or "fix the data or the setting named")) from None
+        except (ConnectionError, TimeoutError) as err:
+            raise SweepError(sweep.source, f"{where}{field}.path", f"{_one_line(repr(name), 120)} could not be "
+                             f"reached ({type(err).__name__}: {_one_line(err, 200)})",
+                             "check the network, or stage it (finesweep stage)") from None
+        except Exception as err:  # noqa: BLE001 - whatever else the data does to the loader: an error, no traceback
+            log.debug("checking %s%s of %s", where, field, sweep.source, exc_info=True)
+            raise SweepError(sweep.source, f"{where}{field}.path", f"{_one_line(repr(name), 120)} could not be "
+                             f"read ({type(err).__name__}: {_one_line(err, 300)})",
+                             "fix the data, or point `path` at data the loader can read") from None
+        if result and result.get("ignored_name"):
+            log.info("%s: %s%s.name: %r is openai/gsm8k's config; the local %s has none, so it is read as it is",
+                     sweep.source, where, field, result["ignored_name"], name)
+
+
+def _check_paths(sweep: Sweep, where: str, field: str, spec) -> None:
+    """Without `datasets` to read them: local paths must exist (the check of earlier versions)."""
+    paths = [spec.path] if _looks_local(spec.path) else []
+    paths += list(getattr(spec, "data_files", None) or [])
+    for p in paths:
+        if not _exists(p):
+            raise SweepError(sweep.source, f"{where}{field}", f"local data {p!r} does not exist",
+                             "fix the path (relative to the project root) or use a Hub dataset id")
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _exists(path: str | Path) -> bool:
@@ -152,8 +219,9 @@ def _exists(path: str | Path) -> bool:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "build/", "tests/")) or path.endswith(
-        (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz"))
+    from trainer.data import looks_local  # the loader's own rule (no torch, no datasets: a plain function)
+
+    return looks_local(path)
 
 
 def resolve_start(sweep: Sweep, store: ArtifactStore, where: str = "") -> StartRef:

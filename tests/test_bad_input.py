@@ -409,6 +409,18 @@ REGRESSIONS = [
      "model"),
     ("data-file-over-255-bytes", ("path: databricks/databricks-dolly-15k", "path: " + "d" * 300 + ".jsonl"),
      "dataset"),
+    # Dataset references are resolved by the loader's own resolution (trainer.data.resolve_source) in the preflight:
+    # what the loader would refuse names its field (tests/test_preflight_data.py has every refusal).
+    ("split-syntax-of-a-hub-dataset", ("split: train", "split: 'train[:'"), "dataset.split"),
+    ("benchmark-path-over-255-bytes", ("{set: sft-open-questions,",
+                                       "{benchmark: {path: ./" + "g" * 300 + "}, set: sft-open-questions,"),
+     "eval.benchmark"),
+    ("benchmark-split-with-a-newline", ("{set: sft-open-questions,",
+                                        "{benchmark: {split: \"test\\n\"}, set: sft-open-questions,"),
+     "eval.benchmark.split"),
+    ("benchmark-zero-max-new-tokens", ("{set: sft-open-questions,",
+                                       "{benchmark: {max_new_tokens: 0}, set: sft-open-questions,"),
+     "eval.benchmark.max_new_tokens"),
 ]
 
 
@@ -506,11 +518,18 @@ def _break_last_dataset(doc):
     doc["pipeline"][-1]["dataset"]["path"] = "tests/fixtures/datasets/no-such-folder"
 
 
+def _break_last_benchmark(doc):
+    """A benchmark on the local GSM8K-layout folder, with a split it does not have (it has train and test)."""
+    doc["pipeline"][-1]["eval"]["benchmark"] = {"path": "tests/fixtures/datasets/gsm8k-local", "split": "validation"}
+
+
 ATOMICITY = [
     ("smoke-last-trial", lambda tmp: _smoke_on_hub_model(tmp, _break_last_trial), "pipeline[1].trials[1].lr"),
     ("sft-last-trial", lambda tmp: _sft_with_last_trial(tmp, "{name: t5, target_modules: []}"),
      "trials[4].target_modules"),
     ("smoke-last-dataset", lambda tmp: _smoke_on_hub_model(tmp, _break_last_dataset), "pipeline[1].dataset"),
+    ("smoke-last-benchmark", lambda tmp: _smoke_on_hub_model(tmp, _break_last_benchmark),
+     "pipeline[1].eval.benchmark.split"),
 ]
 
 
@@ -525,8 +544,8 @@ def test_local_submit_of_a_sweep_broken_at_its_last_trial_runs_nothing(tmp_path,
     assert not store.exists() or not any(store.rglob("*")), sorted(store.rglob("*"))
 
 
-@pytest.mark.parametrize("make,field", [a[1:] for a in (ATOMICITY[0], ATOMICITY[2])],
-                         ids=[ATOMICITY[0][0], ATOMICITY[2][0]])
+@pytest.mark.parametrize("make,field", [a[1:] for a in (ATOMICITY[0], *ATOMICITY[2:])],
+                         ids=[ATOMICITY[0][0], *(a[0] for a in ATOMICITY[2:])])
 def test_k8s_dry_run_of_a_sweep_broken_at_its_end_prints_no_manifest(tmp_path, make, field):
     sweep, store = make(tmp_path), tmp_path / "store"
     proc = _cli("submit", str(sweep), "--backend", "k8s", "--dry-run", "--store", str(store))

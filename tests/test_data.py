@@ -10,7 +10,8 @@ import pytest
 
 from finesweep.prompts import render_prompt, user_turn
 from finesweep.spec import DatasetSpec, Hyper
-from trainer.data import DatasetError, load_splits, parse_hh_dialogue, render_dpo, render_sft
+from trainer.data import (DatasetError, load_split, load_splits, parse_hh_dialogue, render_dpo, render_sft,
+                          resolve_source)
 
 from .conftest import FIXTURES, shared_file
 
@@ -25,6 +26,8 @@ CASES = [
     (DatasetSpec(str(DATA / "ultrafeedback-binarized-preferences"), "ultrafeedback"), 30),
     (DatasetSpec(str(DATA / "hh-rlhf"), "hh-rlhf"), 30),
     (DatasetSpec(str(DATA / "preferences-local" / "train.jsonl"), "preference"), 20),
+    # A plain folder in ../shared/data/gsm8k's layout (train.jsonl, test.jsonl): split by file name, no configs.
+    (DatasetSpec(str(DATA / "gsm8k-local"), "gsm8k"), 6),
 ]
 
 
@@ -97,6 +100,60 @@ def test_row_missing_a_field_names_the_field(tmp_path):
     path.write_text(json.dumps({"prompt": "hi", "response": ""}) + "\n")
     with pytest.raises(DatasetError, match="row 0: field 'response' is empty"):
         load_splits(DatasetSpec(str(path), "instruction"))
+
+
+def test_one_resolution_for_every_kind_of_source():
+    """resolve_source says how the loader reads a reference: a local JSON(L) file row by row, a Parquet/CSV file
+    or a builder through its reader, a folder with its config and splits, a Hub id as it is (not looked up)."""
+    cases = [
+        (DatasetSpec(str(DATA / "instructions-local" / "train.jsonl"), "instruction"), "json-file", None, ("train",)),
+        (DatasetSpec(str(DATA / "gsm8k" / "main" / "train-00000-of-00001.parquet"), "gsm8k"), "file", None,
+         ("train",)),
+        (DatasetSpec("json", "instruction", data_files=[str(DATA / "instructions-local" / "train.jsonl")]),
+         "builder", None, ("train",)),
+        (DatasetSpec(str(DATA / "gsm8k-local"), "gsm8k"), "folder", None, ("train", "test")),
+        (DatasetSpec(str(DATA / "gsm8k"), "gsm8k", name="main"), "folder", "main", ("train",)),
+        (DatasetSpec(str(DATA / "hh-rlhf"), "hh-rlhf", name="harmless-base"), "folder", "harmless-base", ("train",)),
+        (DatasetSpec("databricks/databricks-dolly-15k", "dolly"), "hub", None, ()),
+    ]
+    for spec, kind, config, splits in cases:
+        src = resolve_source(spec, "train")
+        assert (src.kind, src.config, src.splits) == (kind, config, splits), spec.path
+        assert src.local == (kind != "hub")
+    assert len(load_split(cases[2][0], "train[:3]")) == 3  # the json builder with data_files
+
+
+def test_the_hub_default_config_is_ignored_by_local_sources_but_a_chosen_name_is_refused():
+    """eval.benchmark's default name `main` is openai/gsm8k's: a local file or folder without it reads as it is.
+    A name the sweep chose (dataset.name has no default) must exist: a local source without it is refused, with
+    the field and the fix, by the loader itself."""
+    folder = DatasetSpec(str(DATA / "gsm8k-local"), "gsm8k", split="test", name="main")
+    src = resolve_source(folder, "test", default_name="main")
+    assert (src.config, src.ignored_name) == (None, "main")
+    assert len(load_split(folder, "test", default_name="main")) == 5
+    with pytest.raises(DatasetError) as err:
+        load_split(folder, "test")  # `main` chosen by the sweep: refused
+    assert err.value.field == "name" and "remove `name:`" in err.value.fix
+    # A folder with configs and a default one (hh-rlhf: all): the default name it lacks gives way to its own
+    # default; a chosen name it lacks is refused, listing its configs.
+    hh = DatasetSpec(str(DATA / "hh-rlhf"), "hh-rlhf", name="main")
+    src = resolve_source(hh, "train", default_name="main")
+    assert (src.config, src.ignored_name) == (None, "main")
+    with pytest.raises(DatasetError) as err:
+        resolve_source(hh, "train")
+    assert err.value.field == "name" and "all, harmless-base, helpful-base" in err.value.fix
+
+
+def test_loader_errors_name_the_field_and_the_fix():
+    one_file = DatasetSpec(str(DATA / "instructions-local" / "train.jsonl"), "instruction", split="test")
+    with pytest.raises(DatasetError) as err:
+        load_splits(one_file)
+    assert err.value.field == "split" and "split 'train'" in err.value.fix and "Fix: " in str(err.value)
+    sliced = DatasetSpec(str(DATA / "gsm8k-local"), "gsm8k", split="train", test_split="test[9:]")
+    with pytest.raises(DatasetError) as err:
+        load_splits(sliced)
+    assert err.value.field == "test_split" and "test has 5 rows" in err.value.problem
+    assert "test_split: test[:2]" in err.value.fix
 
 
 def test_chat_and_instruction_prompts(tiny_model):
