@@ -34,7 +34,12 @@ setup:
 build/tiny-llama/finesweep-tiny.json: trainer/tiny_model.py | setup
 	$(PY) -m trainer.tiny_model build/tiny-llama --force
 
-tiny-model: setup build/tiny-llama/finesweep-tiny.json
+# The second tiny family behaves like SmolLM2 (ChatML, no BOS, pad = EOS = <|im_end|>, tied embeddings, a template
+# that injects a system prompt): tests run on both, so no test leans on one tokenizer's habits.
+build/tiny-chatml/finesweep-tiny.json: trainer/tiny_model.py | setup
+	$(PY) -m trainer.tiny_model build/tiny-chatml --family chatml --force
+
+tiny-model: setup build/tiny-llama/finesweep-tiny.json build/tiny-chatml/finesweep-tiny.json
 
 submit: setup tiny-model $(if $(filter real,$(SWEEP)),real-model)
 	$(SUBMIT) submit $(SWEEP) --store $(STORE) --backend $(BACKEND) $(K8S_FLAGS) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait)

@@ -1,6 +1,11 @@
 """Score exactly what was trained (issue 10): the tiny model's tokenizer behaves like TinyLlama's (BOS, chat
 template, special tokens), the evaluator's sequences are TRL's (same ids, same mask, same truncation and drop
-rules), and its per-row loss is the trainer's loss on the same rows."""
+rules), and its per-row loss is the trainer's loss on the same rows.
+
+The sequence and loss tests run on both tiny families (`tiny_family`, ids [llama] and [chatml]): TinyLlama's
+conventions (BOS added to every text, SentencePiece, untied embeddings) and SmolLM2's (ChatML with an injected
+system prompt, no BOS on plain text, byte-level BPE, tied embeddings). tests/test_real_model.py repeats the
+fidelity checks on the real SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from finesweep.spec import StartRef
 from finesweep.store import LocalStore
 from trainer.sequences import dpo_pair, prompt_ids, sft_sequence
 
-from .conftest import FIXTURES, shared_file
+from .conftest import FIXTURES, model_family, shared_file
 from .test_training import PREFS, sweep_spec
 
 # ../shared/reference/tinyllama-tokenizer.md: the published template's rendering of this conversation.
@@ -33,11 +38,24 @@ def published_template() -> str:
     return json.loads(line)
 
 
+# max_length per family at which the fixture rows show TRL's cut and drop rules (some rows kept, some dropped, some
+# cut): the chatml prompts are longer (SmolLM2's injected system prompt, a 2,048-token vocabulary).
+SFT_CUT_LENGTH = {"llama": 48, "chatml": 80}
+DPO_CUT_LENGTH = {"llama": 26, "chatml": 54}
+
+
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     from trainer.modeling import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def family_tok(tiny_family):
+    from trainer.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_family))
 
 
 def sentencepiece_reference_ids(text: str) -> list[int]:
@@ -76,16 +94,27 @@ def test_tiny_tokenizer_ids_match_sentencepiece_under_tinyllama_settings(tok):
     assert "<|assistant|>" not in tok.get_vocab() and "<|user|>" not in tok.all_special_tokens
 
 
-def test_scored_sequence_has_bos_and_the_answers_in_context_first_token(tok):
+def test_scored_sequence_has_bos_and_the_answers_in_context_first_token(family_tok, tiny_family):
     """Regression (bug 1): the evaluator tokenized without special tokens and the answer on its own, so the
-    scored sequence had no <s> and the answer began with '▁Hello' where training saw 'Hello'."""
+    scored sequence had no <s> and the answer began with '▁Hello' where training saw 'Hello'.
+    ChatML (no BOS added to text): the sequence starts with the <|im_start|> the template writes, once."""
+    tok = family_tok
     prompt = render_prompt(tok, "chat", user_turn("Say hello"))
     seq = sft_sequence(tok, prompt, "Hello there", 512)
     assert seq.ids[0] == tok.bos_token_id and seq.ids[-1] == tok.eos_token_id
     assert list(seq.ids[: seq.prompt_len]) == prompt_ids(tok, prompt)
+    # The whole sequence is the tokenizer's one pass over prompt + answer + EOS, as TRL tokenizes it.
+    assert list(seq.ids) == tok(prompt + "Hello there" + tok.eos_token)["input_ids"]
     in_context = tok.convert_ids_to_tokens([seq.ids[seq.prompt_len]])[0]
     alone = tok.convert_ids_to_tokens(tok("Hello there", add_special_tokens=False)["input_ids"][:1])[0]
-    assert (in_context, alone) == ("Hello", "▁Hello")
+    if model_family(tiny_family) == "llama":
+        assert (in_context, alone) == ("Hello", "▁Hello")
+    else:
+        # Byte-level BPE, no BOS: the template's <|im_start|> is the first id and nothing adds a second one.
+        assert tok("Hello there")["input_ids"] == tok("Hello there", add_special_tokens=False)["input_ids"]
+        assert seq.ids[1] != tok.bos_token_id and seq.ids.count(tok.bos_token_id) == prompt.count(tok.bos_token)
+        assert tok.decode(list(seq.ids[seq.prompt_len:])) == "Hello there" + tok.eos_token
+        assert in_context.startswith("H")
 
 
 def _sft_recipe(tiny_model, tmp_path, max_length: int):
@@ -101,17 +130,18 @@ def _sft_recipe(tiny_model, tmp_path, max_length: int):
     return spec, recipe
 
 
-def test_sft_sequences_are_the_ones_trl_trains_on_with_its_cut_and_drop_rules(tiny_model, tmp_path):
+def test_sft_sequences_are_the_ones_trl_trains_on_with_its_cut_and_drop_rules(tiny_family, tmp_path):
     from trainer.data import load_splits, render_sft
 
-    spec, recipe = _sft_recipe(tiny_model, tmp_path, max_length=48)
+    length = SFT_CUT_LENGTH[model_family(tiny_family)]
+    spec, recipe = _sft_recipe(tiny_family, tmp_path, max_length=length)
     try:
         tok = recipe.trainer.processing_class
         train, _ = load_splits(spec.dataset, spec.hyper)
-        ours = [sft_sequence(tok, r["prompt"], r["completion"], 48) for r in render_sft(train, tok, "chat")]
+        ours = [sft_sequence(tok, r["prompt"], r["completion"], length) for r in render_sft(train, tok, "chat")]
         kept = [s for s in ours if s is not None]
         prepared = recipe.trainer.train_dataset
-        assert len(prepared) == len(kept) and len(kept) < len(ours), "some rows must be dropped at 48 tokens"
+        assert len(prepared) == len(kept) and len(kept) < len(ours), f"some rows must be dropped at {length} tokens"
         for seq, row in zip(kept, prepared):
             assert list(seq.ids) == row["input_ids"]
             assert [int(i >= seq.prompt_len) for i in range(len(seq.ids))] == [int(x != -100) for x in row["labels"]]
@@ -122,13 +152,13 @@ def test_sft_sequences_are_the_ones_trl_trains_on_with_its_cut_and_drop_rules(ti
         recipe.cleanup()
 
 
-def test_evaluator_per_row_loss_equals_the_trainers_loss(tiny_model, tmp_path):
+def test_evaluator_per_row_loss_equals_the_trainers_loss(tiny_family, tmp_path):
     """Same tokens, same mask, same number: the trainer's own compute_loss on one row at a time vs the
     evaluator's -sum(log p)/n, fp32 on CPU, with a LoRA adapter that really changes the model."""
     from evaluator.scoring import sequence_logprobs
     from trainer.data import load_splits, render_sft
 
-    spec, recipe = _sft_recipe(tiny_model, tmp_path, max_length=128)
+    spec, recipe = _sft_recipe(tiny_family, tmp_path, max_length=128)
     try:
         trainer = recipe.trainer
         model, tok = trainer.model, trainer.processing_class
@@ -157,13 +187,13 @@ def test_evaluator_per_row_loss_equals_the_trainers_loss(tiny_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_start(tiny_model, tmp_path_factory):
+def sft_start(tiny_family, tmp_path_factory):
     """A 2-step SFT trial in a store: a real (nonzero) start adapter for DPO recipes built in these tests."""
     from trainer.sft import SFTRecipe
 
     store = LocalStore(tmp_path_factory.mktemp("store"))
     trial = {"name": "s", "r": 8, "alpha": 16, "dropout": 0.0, "lr": 1e-2, "batch_size": 4, "max_steps": 2}
-    spec = sweep_spec(tiny_model, "sft", trial, str(FIXTURES / "datasets" / "instructions-local" / "train.jsonl"),
+    spec = sweep_spec(tiny_family, "sft", trial, str(FIXTURES / "datasets" / "instructions-local" / "train.jsonl"),
                       "instruction")
     SFTRecipe(spec, store).run()
     return spec, store
@@ -184,24 +214,25 @@ def _dpo_recipe(tiny_model, sft_start, max_length: int):
     return spec, recipe
 
 
-def test_dpo_pairs_are_trls_and_truncated_pairs_are_dropped_not_failed(tiny_model, sft_start):
+def test_dpo_pairs_are_trls_and_truncated_pairs_are_dropped_not_failed(tiny_family, sft_start):
     """Regression (bug 3): a pair whose prompt fills max_length scored (0, 0) tokens and counted as a wrong
     preference; TRL drops it from training, and so does the evaluator now."""
     from trainer.data import load_splits, render_dpo
 
-    spec, recipe = _dpo_recipe(tiny_model, sft_start, max_length=26)
+    length = DPO_CUT_LENGTH[model_family(tiny_family)]
+    spec, recipe = _dpo_recipe(tiny_family, sft_start, max_length=length)
     try:
         tok = recipe.trainer.processing_class
         train, _ = load_splits(spec.dataset, spec.hyper)
-        ours = [dpo_pair(tok, p["prompt"], p["chosen"], p["rejected"], 26)
+        ours = [dpo_pair(tok, p["prompt"], p["chosen"], p["rejected"], length)
                 for p in render_dpo(train, tok, "chat")]
         kept = [pair for pair in ours if pair is not None]
         prepared = recipe.trainer.train_dataset
         assert 0 < len(kept) < len(ours) and len(prepared) == len(kept)
         # TRL's collator cuts prompt+answer to max_length at batch time; ours are cut when built. The recipe
         # feeds pairs longest first (speed.order_rows), so compare as sorted lists.
-        trl = sorted((tuple((r["prompt_ids"] + r["chosen_ids"])[:26]),
-                      tuple((r["prompt_ids"] + r["rejected_ids"])[:26]), len(r["prompt_ids"])) for r in prepared)
+        trl = sorted((tuple((r["prompt_ids"] + r["chosen_ids"])[:length]),
+                      tuple((r["prompt_ids"] + r["rejected_ids"])[:length]), len(r["prompt_ids"])) for r in prepared)
         mine = sorted((c.ids, r.ids, c.prompt_len) for c, r in kept)
         assert trl == mine
         assert all(c.prompt_len == r.prompt_len for c, r in kept)
@@ -210,7 +241,7 @@ def test_dpo_pairs_are_trls_and_truncated_pairs_are_dropped_not_failed(tiny_mode
         recipe.cleanup()
 
 
-def test_real_hh_rlhf_pairs_dropped_by_trl_rules_and_bad_histories(tiny_model, tmp_path):
+def test_real_hh_rlhf_pairs_dropped_by_trl_rules_and_bad_histories(tiny_family, tmp_path):
     """The real HH-RLHF harmless-base test file: the evaluator drops exactly the pairs TRL drops at 256
     tokens, and the loader drops rows whose chosen/rejected histories differ or whose answer is empty."""
     from finesweep.spec import DatasetSpec
@@ -227,7 +258,7 @@ def test_real_hh_rlhf_pairs_dropped_by_trl_rules_and_bad_histories(tiny_model, t
 
     from trainer.modeling import load_tokenizer
 
-    tok = load_tokenizer(str(tiny_model))
+    tok = load_tokenizer(str(tiny_family))
     rendered = list(render_dpo(rows, tok, "chat"))
     at_256 = sum(dpo_pair(tok, p["prompt"], p["chosen"], p["rejected"], 256) is None for p in rendered)
     at_512 = sum(dpo_pair(tok, p["prompt"], p["chosen"], p["rejected"], 512) is None for p in rendered)
@@ -236,7 +267,7 @@ def test_real_hh_rlhf_pairs_dropped_by_trl_rules_and_bad_histories(tiny_model, t
     from trl import DPOConfig, DPOTrainer
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_family))
     args = DPOConfig(output_dir=str(tmp_path / "o"), max_length=256, report_to="none", use_cpu=True,
                      per_device_train_batch_size=2, max_steps=1)
     trainer = DPOTrainer(model=model, args=args, train_dataset=render_dpo(rows, tok, "chat"), processing_class=tok)
