@@ -142,7 +142,8 @@ def _generation_set(run: _Evaluation, set_name: str) -> None:
     rows = load_evalset(set_name)
     ids = [row_id(set_name, i, r) for i, r in enumerate(rows)]
     prompts = [render_prompt(tokenizer, spec.prompt_format, user_turn(r["prompt"])) for r in rows]
-    answers, gen_record = scoring.generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size)
+    answers, gen_record = scoring.generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size,
+                                           setting="eval.max_new_tokens")
     refs = [r["reference"] for r in rows]
     set_result = {"rows": len(rows), "generation": gen_record, **metrics.bleu_chrf(answers, refs, ev.bootstrap_samples)}
     # The reference answer scored as the trainer would train on it (same tokens, same max_length cut).
@@ -266,7 +267,8 @@ def _gsm8k_benchmark(spec: TrialSpec, model, tokenizer, scoring) -> tuple[dict, 
     bench = spec.eval.benchmark
     rows = load_benchmark(bench)
     prompts = [render_prompt(tokenizer, spec.prompt_format, r["messages"]) for r in rows]
-    answers, gen = scoring.generate(model, tokenizer, prompts, bench.max_new_tokens, spec.eval.batch_size)
+    answers, gen = scoring.generate(model, tokenizer, prompts, bench.max_new_tokens, spec.eval.batch_size,
+                                    setting="eval.benchmark.max_new_tokens")
     hits = [int(metrics.final_number(a) == metrics.final_number(r["response"])) for a, r in zip(answers, rows)]
     per_row = _rows("gsm8k", "binary", [f"gsm8k:{i}" for i in range(len(rows))], hits)
     return ({"path": bench.path, "split": bench.split, "rows": len(rows), "gsm8k_accuracy": _mean(hits),

@@ -47,8 +47,30 @@ def repetition_rate(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+# Characters that stand for an apostrophe in real text: models and people type "I’m sorry, I can’t" (U+2019,
+# what most chat UIs and word processors produce) as often as "I'm sorry, I can't", and the patterns above are
+# written with the ASCII one. Every one maps to "'" (one character for one, so text[:400] keeps its meaning).
+APOSTROPHES = str.maketrans({c: "'" for c in (
+    "\u2019",  # ’ right single quotation mark (the usual typographic apostrophe)
+    "\u2018",  # ‘ left single quotation mark (autocorrect after a space, or a wrong-way apostrophe)
+    "\u201b",  # ‛ single high-reversed-9 quotation mark
+    "\u02bc",  # ʼ modifier letter apostrophe
+    "\u02b9",  # ʹ modifier letter prime
+    "\u2032",  # ′ prime
+    "\u00b4",  # ´ acute accent
+    "\u0060",  # ` grave accent
+    "\uff07",  # ＇ fullwidth apostrophe
+)})
+
+
+def normalize_apostrophes(text: str) -> str:
+    return text.translate(APOSTROPHES)
+
+
 def is_refusal(text: str) -> bool:
-    return bool(REFUSAL_PATTERNS.search(text[:400]))
+    """Whether an answer declines (the refusal patterns within its first 400 characters), whatever character
+    it writes its apostrophes with."""
+    return bool(REFUSAL_PATTERNS.search(normalize_apostrophes(text[:400])))
 
 
 def final_number(text: str) -> str | None:

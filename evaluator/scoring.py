@@ -2,33 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 
-from trainer.sequences import Scored
+from trainer.sequences import Scored, stop_token_ids
+
+log = logging.getLogger("finesweep")
+
+
+# The settings a generation that ran out of room is fixed by (eval.max_new_tokens for the eval sets,
+# eval.benchmark.max_new_tokens for the GSM8K benchmark); the evaluator names the one it used.
+MAX_NEW_TOKENS_SETTINGS = "eval.max_new_tokens (eval.benchmark.max_new_tokens for the benchmark)"
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], dict]:
-    """Greedy, batched, KV cache on; left padding so every prompt ends where generation starts."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             setting: str = MAX_NEW_TOKENS_SETTINGS) -> tuple[list[str], dict]:
+    """Greedy, batched, KV cache on; left padding so every prompt ends where generation starts. An answer ends
+    at the first stop id (stop_token_ids); one that reaches max_new_tokens without any is counted in the
+    record's hit_limit (its rows in hit_limit_rows) and a warning names `setting`, the knob to raise."""
     from transformers import GenerationConfig
 
+    stops = stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+    stop_set = torch.tensor(stops, dtype=torch.long)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    answers, new_tokens, start = [], 0, time.time()
+    answers, new_tokens, hit_limit, start = [], 0, [], time.time()
     try:
         for i in range(0, len(prompts), batch_size):
-            # Special tokens on: the prompt ids the trainer used (BOS first), see trainer.sequences.prompt_ids.
+            # Special tokens on: the prompt ids the trainer used (BOS first where the tokenizer adds one), see
+            # trainer.sequences.prompt_ids.
             batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
             out = model.generate(**batch, generation_config=config)
-            gen = out[:, batch["input_ids"].shape[1]:]
-            for row in gen:
-                row = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id != tokenizer.eos_token_id \
-                    else _until_eos(row, tokenizer.eos_token_id)
+            gen = out[:, batch["input_ids"].shape[1]:].cpu()
+            for j, row in enumerate(gen):
+                # Cut at the first stop id: generate pads a finished row after its stop token, and a pad id may
+                # be a stop id (pad == eos, e.g. SmolLM2) or an ordinary one, so padding is never looked for.
+                # A row with no stop id ran all max_new_tokens (nothing else ends a greedy generation).
+                row, stopped = _until_stop(row, stop_set)
+                if not stopped:
+                    hit_limit.append(i + j)
                 new_tokens += int(row.numel())
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:
@@ -36,13 +54,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     elapsed = time.time() - start
     record = {k: v for k, v in config.to_diff_dict().items() if not k.startswith("transformers")}
     record.update(batch_size=batch_size, new_tokens=new_tokens, seconds=round(elapsed, 3),
-                  tokens_per_s=round(new_tokens / elapsed, 2) if elapsed else None)
+                  tokens_per_s=round(new_tokens / elapsed, 2) if elapsed else None,
+                  stop_token_ids=stops, stop_tokens=tokenizer.convert_ids_to_tokens(stops),
+                  hit_limit=len(hit_limit), hit_limit_rows=hit_limit)
+    own = getattr(model, "generation_config", None)
+    if own is not None:  # transformers fills what the config above leaves unset (None) from the model's own
+        record["model_generation_config"] = {k: v for k, v in own.to_diff_dict().items()
+                                             if not k.startswith("transformers")}
+    if hit_limit:
+        log.warning("%d of %d generations reached max_new_tokens=%d without a stop token (ids %s): their answers are "
+                    "cut short, which lowers BLEU/accuracy for length rather than quality. Fix: raise %s in the "
+                    "sweep file", len(hit_limit), len(prompts), max_new_tokens, ", ".join(map(str, stops)) or "none",
+                    setting)
     return answers, record
 
 
-def _until_eos(row: torch.Tensor, eos_id: int) -> torch.Tensor:
-    hits = (row == eos_id).nonzero()
-    return row[: hits[0, 0]] if len(hits) else row
+def _until_stop(row: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The row up to (not including) its first stop id, and whether there was one."""
+    hits = torch.isin(row, stop_ids).nonzero()
+    return (row[: hits[0, 0]], True) if len(hits) else (row, False)
 
 
 @torch.no_grad()

@@ -37,13 +37,29 @@ from .runtime import Hardware, library_versions
 log = logging.getLogger("finesweep")
 BEST = "best.json"  # the selection record submitter.plan.select_best writes
 EXPORTED = "_EXPORTED"
-# fp32 on CPU, merged W + BA against the unmerged PEFT forward pass: the same sums in a different order, so
-# differences are float rounding (~1e-6 on the tiny model). A wrong or missing adapter moves logits by > 1e-2.
-TOLERANCE = 1e-4
+# The logit check's bound comes from the model being exported, not from a constant: merged W + BA against the
+# unmerged PEFT forward pass are the same sums in a different order, so a correct merge differs only by fp32
+# rounding, and how large that is depends on the model (depth, width, logit scale): ~7e-6 on the 2-layer tiny
+# model, 6e-5 to 1e-4 on SmolLM2-135M (30 layers), where a fixed 1e-4 refused correct merges. check_export measures
+# the rounding (the fp32 reference against the same model in fp64) on the very prompts and positions it
+# compares, and allows NOISE_SAFETY times it: two fp32 results each carry about that much error (the merge
+# rounds every W + BA once more), and fp64 is not exact either (transformers keeps RMSNorm and RoPE in fp32).
+# A wrong merge moves logits by a fraction of the adapter's effect, orders of magnitude above rounding; the
+# check also refuses to pass when the adapter's own effect is not above the tolerance (it could not tell).
+NOISE_SAFETY = 8.0
+# Below this many fp32 ulps at the logits' scale a difference is rounding by definition (the floor for a model
+# so small that its measured noise is a handful of ulps).
+ULP_FLOOR = 64
+FP32_EPS = 2.0 ** -23
 CHECK_PROMPTS = 4
 # The check and the merge run here, whatever the machine: fp32 on CPU is the one setting where "merged equals
 # base + adapters" holds to a stated tolerance (bf16 would round every merged weight to 8 mantissa bits).
 CPU_FP32 = Hardware("cpu", "cpu", "fp32", "sdpa", 0.0, 0)
+# Settings greedy decoding never reads (sampling- and beam-only). A base model whose generation_config samples
+# (do_sample, temperature, top_p) gets them unset next to do_sample=False: transformers refuses to save a greedy
+# config that still carries them, and they did not take part in the evaluation.
+GREEDY_UNUSED = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                 "early_stopping", "length_penalty", "num_return_sequences")
 
 
 class ExportError(RuntimeError):
@@ -104,8 +120,9 @@ def _sweeps_in(store: ArtifactStore) -> list[str]:
 # ------------------------------------------------------------------------------------------------ export
 
 def export_trial(store: ArtifactStore, sweep: str, which: str, out: str, prompts: int = CHECK_PROMPTS,
-                 tolerance: float = TOLERANCE) -> dict:
-    """Export, check, then publish DIR (rename) or the store prefix (upload, marker last). Returns export.json."""
+                 tolerance: float | None = None) -> dict:
+    """Export, check, then publish DIR (rename) or the store prefix (upload, marker last). Returns export.json.
+    `tolerance` None: derived from the model's own fp32 noise (check_export)."""
     spec, best = resolve_trial(store, sweep, which)
     to_store = out.startswith("s3://")
     target = None if to_store else Path(out)
@@ -117,21 +134,22 @@ def export_trial(store: ArtifactStore, sweep: str, which: str, out: str, prompts
     shutil.rmtree(partial, ignore_errors=True)  # a stale one from an interrupted export: never finished
     try:
         started = time.time()
-        chain = merge_and_save(spec, store, workdir, partial)
+        chain, generation = merge_and_save(spec, store, workdir, partial)
         try:
             check = check_export(spec, store, partial, workdir, prompts, tolerance)
         except ExportCheckError as err:
             where = f"nothing was uploaded to {out}" if to_store else f"the unfinished export is in {partial}"
             raise ExportCheckError(f"{err}; {where}") from None
         record = _record(spec, store, best, chain, check, time.time() - started)
+        record["generation_config"] = generation
         (partial / "export.json").write_text(json.dumps(record, indent=2, default=str))
         (partial / "README.md").write_text(model_card(record))
         if to_store:
             publish_to_store(partial, open_store(out))
         else:
             partial.rename(target)
-        log.info("exported %s/%s (%s) to %s: logit check max |diff| %.2e <= %g", sweep, spec.name, spec.trial_id,
-                 out, check["max_abs_diff"], tolerance)
+        log.info("exported %s/%s (%s) to %s: logit check max |diff| %.2e <= tolerance %.2e (%s)", sweep, spec.name,
+                 spec.trial_id, out, check["max_abs_diff"], check["tolerance"], check["tolerance_rule"])
         return record
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -152,26 +170,54 @@ def merged_model(spec: TrialSpec, chain: list[TrialSpec], store: ArtifactStore, 
     return model, folders
 
 
-def merge_and_save(spec: TrialSpec, store: ArtifactStore, workdir: Path, partial: Path) -> list[TrialSpec]:
-    from transformers import GenerationConfig
-
+def merge_and_save(spec: TrialSpec, store: ArtifactStore, workdir: Path, partial: Path) -> tuple[list[TrialSpec], dict]:
+    """The merged model, its tokenizer and adapters into `partial`; returns the start chain and what the export
+    did to the base model's generation config (export_generation_config)."""
     chain = start_chain(spec, store)
     model, folders = merged_model(spec, chain, store, workdir)
     tokenizer = load_tokenizer(spec.model)  # pad token as trained and evaluated (eos when the model has none)
-    # The evaluator's generation settings (greedy, its max_new_tokens), so `model.generate(**inputs)` answers
-    # as the evaluated trial did.
-    model.generation_config = GenerationConfig(
-        max_new_tokens=spec.eval.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config, generation = export_generation_config(model, tokenizer, spec)
     model.config.pad_token_id = tokenizer.pad_token_id
     partial.mkdir(parents=True)
+    # Tied embeddings (SmolLM2: lm_head is embed_tokens) stay tied: LoRA targets only the projections
+    # (finesweep.spec.LORA_TARGETS), so merging never writes the shared matrix, and save_pretrained stores it once
+    # with config.tie_word_embeddings as the base had it.
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     del model
     shutil.copytree(folders[-1], partial / "adapter")
     for i, (trial, folder) in enumerate(zip(chain, folders[:-1]), 1):
         shutil.copytree(folder, partial / "start_adapters" / f"{i:02d}-{trial.sweep}-{trial.trial_id}")
-    return chain
+    return chain, generation
+
+
+def export_generation_config(model, tokenizer, spec: TrialSpec):
+    """The base model's own generation config (its generation_config.json, as from_pretrained loaded it with
+    the base weights: stop ids such as an end-of-turn token, bos, anything else it sets) with only what the
+    evaluation set on top (evaluator.scoring.generate): greedy, one beam, eval.max_new_tokens, the stop ids
+    (the model's eos ids plus the tokenizer's EOS), the pad token. Returns the config and a record of where it
+    came from and every field changed ({field: {"base": ..., "export": ...}})."""
+    import copy
+
+    from .sequences import stop_token_ids
+
+    config = copy.deepcopy(model.generation_config)
+    before = config.to_dict()
+    stops = stop_token_ids(model, tokenizer)
+    wanted = {"do_sample": False, "num_beams": 1, "max_new_tokens": spec.eval.max_new_tokens, "use_cache": True,
+              # One id stays an int, as most models write it (a one-element list would be a change for nothing).
+              "eos_token_id": (stops[0] if len(stops) == 1 else stops) if stops else before.get("eos_token_id"),
+              "pad_token_id": tokenizer.pad_token_id}
+    wanted.update({k: None for k in GREEDY_UNUSED if before.get(k) is not None})
+    changed = {}
+    for key, value in wanted.items():
+        if before.get(key) != value:
+            changed[key] = {"base": before.get(key), "export": value}
+            setattr(config, key, value)
+    source = ("built by transformers from the base model's config.json (it has no generation_config.json)"
+              if getattr(config, "_from_model_config", False) else "the base model's generation_config.json")
+    return config, {"source": source, "changed": changed, "stop_token_ids": stops,
+                    "stop_tokens": tokenizer.convert_ids_to_tokens(stops)}
 
 
 def check_prompts(spec: TrialSpec, tokenizer, n: int) -> list[str]:
@@ -180,12 +226,35 @@ def check_prompts(spec: TrialSpec, tokenizer, n: int) -> list[str]:
     return [render_prompt(tokenizer, spec.prompt_format, user_turn(r["prompt"])) for r in rows]
 
 
+def template_prefix_tokens(spec: TrialSpec, tokenizer) -> int:
+    """How many leading tokens every prompt of the trial's prompt format shares whatever the user writes: the
+    common prefix of two prompts rendered around different user messages. For a chat template that is BOS (if
+    any), an injected default system prompt and the user header (24 tokens for SmolLM2); for the instruction
+    format its '### Instruction:' header."""
+    a, b = ([*tokenizer(render_prompt(tokenizer, spec.prompt_format, user_turn(text)))["input_ids"]]
+            for text in ("Alpha one?", "Zulu two!"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def check_export(spec: TrialSpec, store: ArtifactStore, folder: Path, workdir: Path, n: int,
-                 tolerance: float = TOLERANCE) -> dict:
+                 tolerance: float | None = None) -> dict:
     """Load `folder` with plain transformers and compare its logits with base + adapters built the evaluator's
     way (trainer.modeling.build_model: chain merged, own adapter as a PeftModel), fp32 on CPU, on `n` prompts
     rendered by the exported tokenizer, which must render and tokenize them exactly as the original does.
-    Raises ExportCheckError on a mismatch."""
+
+    Compared: every position from the first token of the user's message on (the user content, the end of the
+    turn, the generation prompt: the logits an answer is generated from). The template's fixed prefix (BOS, an
+    injected default system prompt, the user header; template_prefix_tokens) is the same tokens in every prompt,
+    so its logits are the same in every prompt too and say nothing per prompt; it still takes part, since every
+    compared position attends to it, so an error there shows downstream.
+
+    The tolerance (unless given) is derived from the model: max(NOISE_SAFETY x its fp32 noise, ULP_FLOOR fp32 ulps
+    at the logits' scale), the noise being max |fp32 - fp64| of the reference on the compared positions. Raises
+    ExportCheckError on a mismatch, and when the trial's own adapter moves no compared logit by more than the
+    tolerance (a merge without it would pass: the check could not tell)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,11 +267,19 @@ def check_export(spec: TrialSpec, store: ArtifactStore, folder: Path, workdir: P
     ids = [original_tok(p, return_tensors="pt")["input_ids"] for p in prompts]
     if any(not torch.equal(a, exported_tok(p, return_tensors="pt")["input_ids"]) for a, p in zip(ids, prompts)):
         raise ExportCheckError(f"{folder}: the exported tokenizer tokenizes the prompts differently")
+    prefix = template_prefix_tokens(spec, original_tok)
+    # Every prompt has content after the prefix; min() keeps at least its last position (the one an answer's
+    # first token comes from) should a tokenizer merge the content into the prefix.
+    starts = [min(prefix, int(x.shape[1]) - 1) for x in ids]
 
     @torch.no_grad()
     def logits(model) -> list:
+        """The compared positions' logits per prompt, in the model's own dtype."""
         model.eval()
-        return [model(input_ids=x).logits[0].float() for x in ids]
+        return [model(input_ids=x).logits[0, s:] for x, s in zip(ids, starts)]
+
+    def max_diff(a: list, b: list) -> list[float]:
+        return [float((x.double() - y.double()).abs().max()) for x, y in zip(a, b)]
 
     exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     got = logits(exported)
@@ -210,24 +287,51 @@ def check_export(spec: TrialSpec, store: ArtifactStore, folder: Path, workdir: P
     # build_model leaves an SFT trial's base in its saved dtype on CPU (bf16 for TinyLlama); bf16 -> fp32 is
     # exact, so .float() gives the fp32 base + adapter the merge started from.
     reference, loaded = build_model(spec, store, CPU_FP32, workdir / "reference", with_own_adapter=True)
-    want = logits(reference.float())
+    reference = reference.float()
+    want = logits(reference)
+    with reference.disable_adapter():  # the start model (base + merged chain): what the own adapter changes
+        start = logits(reference)
+    exact = logits(reference.double())  # the same model in fp64: its fp32 rounding is want - exact
     del reference
     base = load_base_model(loaded["base"], CPU_FP32, dtype=torch.float32)
     plain = logits(base)
     del base
-    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
-    result = {"prompts": len(prompts), "tokens": [int(x.shape[1]) for x in ids], "tolerance": tolerance,
+
+    diffs = max_diff(got, want)
+    noise = max(max_diff(want, exact))
+    scale = max(float(x.abs().max()) for x in want)
+    effect = max(max_diff(want, start))
+    derived = max(NOISE_SAFETY * noise, ULP_FLOOR * FP32_EPS * scale)
+    rule = (f"given ({tolerance:g})" if tolerance is not None else
+            f"max({NOISE_SAFETY:g} x fp32 noise {noise:.3e}, {ULP_FLOOR} fp32 ulps at logit scale {scale:.3g} = "
+            f"{ULP_FLOOR * FP32_EPS * scale:.3e})")
+    tolerance = derived if tolerance is None else tolerance
+    result = {"prompts": len(prompts), "tokens": [int(x.shape[1]) for x in ids],
+              "template_prefix_tokens": prefix,
+              "compared_positions": sum(int(x.shape[1]) - s for x, s in zip(ids, starts)),
+              "tolerance": tolerance, "tolerance_rule": rule, "fp32_noise": noise, "noise_safety": NOISE_SAFETY,
+              "ulp_floor": ULP_FLOOR, "logit_scale": scale,
               "max_abs_diff": max(diffs), "per_prompt_max_abs_diff": diffs,
-              "max_abs_diff_vs_base": max(float((g - b).abs().max()) for g, b in zip(got, plain)),
+              "own_adapter_effect": effect,
+              # A merge whose adapter is scaled by (1 + x) differs by about x * effect: smaller x passes.
+              "undetectable_scale_error": tolerance / effect if effect else None,
+              "max_abs_diff_vs_base": max(max_diff(got, plain)),
               "compared": "AutoModelForCausalLM.from_pretrained(export, fp32) vs trainer.modeling.build_model "
-                          "(base + merged start chain + own adapter as a PeftModel), fp32, CPU",
+                          "(base + merged start chain + own adapter as a PeftModel), fp32, CPU, on the positions "
+                          "after the prompt format's fixed prefix",
+              "noise_measured": "the same reference in fp64 (transformers keeps RMSNorm and RoPE in fp32 there)",
               "prompt_source": f"eval set {spec.eval.set}, first {len(prompts)} rows, prompt_format "
                                f"{spec.prompt_format}"}
     if not result["max_abs_diff"] <= tolerance:  # `not <=` also catches NaN
         worst = diffs.index(max(diffs))
         raise ExportCheckError(f"logit check failed: the merged model differs from base + adapters by max |diff| "
-                               f"{result['max_abs_diff']:.3e} > tolerance {tolerance:g} (prompt {worst + 1} of "
-                               f"{len(prompts)})")
+                               f"{result['max_abs_diff']:.3e} > tolerance {tolerance:.3e} ({rule}) (prompt "
+                               f"{worst + 1} of {len(prompts)})")
+    if not effect > tolerance:
+        raise ExportCheckError(f"logit check inconclusive: the trial's own adapter moves no compared logit by more "
+                               f"than {effect:.3e}, not above the tolerance {tolerance:.3e} ({rule}), so a merge "
+                               "that left it out would pass too; the adapter barely changes the model (see the "
+                               "evaluation's trust.adapter_changes_outputs)")
     return result
 
 
@@ -275,7 +379,7 @@ def _selection(best: dict) -> dict:
 
 
 def model_card(r: dict) -> str:
-    spec, check = r["spec"], r["check"]
+    spec, check, gen = r["spec"], r["check"], r.get("generation_config") or {}
     chain = "".join(f" + {c['stage'].upper()} adapter {c['sweep']}/{c['trial']} ({c['trial_id']}, merged)"
                     for c in r["chain"])
     lines = [
@@ -286,7 +390,8 @@ def model_card(r: dict) -> str:
         "(`transformers.AutoModelForCausalLM.from_pretrained` this folder). The adapter alone is in `adapter/`"
         + (" (it applies on top of the start adapters in `start_adapters/`, merged in order)" if r["chain"] else "")
         + f". Prompt format: `{spec['prompt_format']}`, max length {spec['max_length']}; generation_config.json "
-        f"is the evaluation's (greedy, {spec['eval']['max_new_tokens']} new tokens).", "",
+        f"is the base model's with the evaluation's settings (greedy, {spec['eval']['max_new_tokens']} new tokens, "
+        f"stop tokens {_tokens(gen.get('stop_tokens'))}){_changes(gen.get('changed'))}.", "",
         "## Hyperparameters", "", "| key | value |", "|---|---|",
         *(f"| {k} | {_cell(v)} |" for k, v in spec["hyper"].items()), "",
         "## Data", "", "| key | value |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in spec["dataset"].items()),
@@ -325,13 +430,31 @@ def model_card(r: dict) -> str:
         f"{train.get('global_batch')}, on {(train.get('hardware') or {}).get('name')}.", "",
         "## Export check", "",
         f"{check['compared']}: max |logit diff| {check['max_abs_diff']:.3e} over {check['prompts']} prompts "
-        f"({check['prompt_source']}), tolerance {check['tolerance']:g}; the merged model differs from the base "
-        f"model by {check['max_abs_diff_vs_base']:.3g}.", "",
+        f"({check['prompt_source']}; {check['compared_positions']} positions, the first "
+        f"{check['template_prefix_tokens']} tokens of each being the prompt format's fixed prefix), tolerance "
+        f"{check['tolerance']:.3e} = {check['tolerance_rule']}; the fp32 noise is measured against the same "
+        f"model in fp64. The trial's own adapter moves logits by up to {check['own_adapter_effect']:.3g}; the "
+        f"merged model differs from the base model by {check['max_abs_diff_vs_base']:.3g}.", "",
         "## Library versions", "", "| library | training | export |", "|---|---|---|",
         *(f"| {k} | {(train.get('versions') or {}).get(k, '')} | {v} |" for k, v in r["export_versions"].items()),
         "", f"Store: `{r['store']}`.", "",
     ]
     return "\n".join(lines)
+
+
+def _tokens(tokens) -> str:
+    return ", ".join(f"`{t}`" for t in tokens or []) or "none"
+
+
+def _changes(changed) -> str:
+    if not changed:
+        return "; nothing changed from the base model's"
+
+    def shown(value) -> str:
+        return "unset" if value is None else _cell(value)
+
+    return "; changed from the base model's: " + ", ".join(f"{k} {shown(v['base'])} -> {shown(v['export'])}"
+                                                        for k, v in changed.items())
 
 
 def _cell(value) -> str:

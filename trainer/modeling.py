@@ -14,13 +14,18 @@ from pathlib import Path
 from finesweep.spec import TrialSpec, trial_from_dict
 from finesweep.store import TRAINED, ArtifactStore, StoreError, trial_prefix
 
-from .runtime import Hardware
+from .runtime import Hardware, LaunchError
 
 log = logging.getLogger("finesweep")
 
 
 class AdapterError(RuntimeError):
     pass
+
+
+class ModelError(LaunchError):
+    """The model cannot be trained the way the sweep asks (its chat template, its context length): a
+    configuration error (a LaunchError, so the trial exits 3 with one line and is never retried)."""
 
 
 def load_tokenizer(model_id: str):
@@ -32,6 +37,82 @@ def load_tokenizer(model_id: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Stands in for an answer when the chat template renders a conversation: letters only, so no template's
+# trim/escape changes it and no tokenizer merges it with what the template writes around it.
+ANSWER_SENTINEL = "FinesweepAnswerSentinel"
+
+
+def check_turn_end_is_eos(tokenizer, model_id: str) -> str:
+    """The chat template must end an assistant turn with the tokenizer's EOS, the token TRL appends to every
+    completion (sequences.sft_sequence / dpo_pair). Otherwise training teaches the model to stop with a token its
+    own chat format never writes (e.g. a template that ends turns with <|eot_id|> while eos_token is
+    <|end_of_text|>), and answers run on past the end of the turn. Returns what follows the answer up to and
+    including the EOS; raises ModelError naming the model, what the turn ends with instead, the EOS and the fix."""
+    messages = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": ANSWER_SENTINEL}]
+    eos = tokenizer.eos_token
+    fix = (f"use a model whose tokenizer's eos_token is the token its chat template ends an assistant turn with, "
+           f"or set eos_token to that token in the tokenizer_config.json of {model_id} (and eos_token_id in its "
+           "generation_config.json), or train with prompt_format: instruction")
+    if eos is None:
+        raise ModelError(f"model {model_id}: its tokenizer has no eos_token, so TRL has nothing to end a "
+                         f"completion with. Fix: {fix}")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # a template that refuses [user, assistant] (jinja raise_exception) or fails
+        raise ModelError(f"model {model_id}: its chat template cannot render a user turn followed by an "
+                         f"assistant turn ({type(err).__name__}: {str(err)[:200]}). Fix: use a chat model whose "
+                         "template renders assistant turns, or prompt_format: instruction") from None
+    if ANSWER_SENTINEL not in text:
+        raise ModelError(f"model {model_id}: its chat template drops the assistant's answer from a rendered "
+                         "conversation, so where a turn ends cannot be checked. Fix: use a chat model whose template "
+                         "renders assistant turns, or prompt_format: instruction")
+    after = text.split(ANSWER_SENTINEL, 1)[1]
+    # Whitespace before the EOS is allowed (Llama-2 style "answer </s>"): the turn still ends with the EOS.
+    if not after.lstrip().startswith(eos):
+        # What the template writes instead: a special token it starts with (an end-of-turn token), else the
+        # text up to the line's end, else nothing at all.
+        rest = after.lstrip()
+        special = sorted((t for t in tokenizer.get_added_vocab() if t and rest.startswith(t)), key=len)
+        ends_with = (repr(special[-1]) if special else repr(rest.split("\n", 1)[0][:40] or rest[:40]) if rest
+                     else "nothing (the rendered text ends with the answer)")
+        raise ModelError(f"model {model_id}: its chat template ends an assistant turn with {ends_with}, but its "
+                         f"eos_token is {eos!r}, which TRL appends to every completion: training would teach the "
+                         f"model to stop with a token its chat format never writes. Fix: {fix}")
+    return after[: len(after) - len(after.lstrip()) + len(eos)]
+
+
+def context_length(model_id: str) -> int | None:
+    """The longest sequence the model has positions for (config.json max_position_embeddings, or n_positions
+    for GPT-2-style configs); None when its config names neither."""
+    from transformers import AutoConfig
+
+    from finesweep.staging import local_source
+
+    config = AutoConfig.from_pretrained(local_source("models", model_id))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_trial_model(spec: TrialSpec, tokenizer=None) -> dict:
+    """What a trial checks about its model before anything is built (trainer.recipe.Recipe): max_length fits
+    the model's positions, and with prompt_format chat the template ends a turn with the EOS TRL appends."""
+    limit = context_length(spec.model)
+    if limit is not None and spec.max_length > limit:
+        raise ModelError(f"max_length {spec.max_length} is longer than model {spec.model} has positions for "
+                         f"(max_position_embeddings {limit} in its config.json): tokens past position {limit} get "
+                         f"positions it was never trained on. Fix: set max_length to {limit} or less in the sweep "
+                         "file (a new trial)")
+    checked = {"max_length": spec.max_length, "max_position_embeddings": limit}
+    if spec.prompt_format == "chat":
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.model)
+        checked["turn_end"] = check_turn_end_is_eos(tokenizer, spec.model)
+    return checked
 
 
 def load_base_model(model_id: str, hw: Hardware, dtype=None):

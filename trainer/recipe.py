@@ -15,7 +15,7 @@ from finesweep.store import TRAINED, ArtifactStore, checksum, trial_prefix
 from . import progress as search_progress
 from . import tracking
 from .checkpoint import Preempted, checkpoint_callback, clear_checkpoints, fetch_checkpoint
-from .modeling import scratch_dir
+from .modeling import check_trial_model, scratch_dir
 from .speed import describe
 from .runtime import (Hardware, LaunchError, any_rank, barrier, broadcast_from_main, detect_hardware, gather_to_all,
                       init_distributed, library_versions, peak_memory_gb, processes, progress_callback,
@@ -123,6 +123,10 @@ class Recipe:
 
     def __init__(self, spec: TrialSpec, store: ArtifactStore):
         self.spec, self.store = spec, store
+        # Before anything is started or downloaded: a model the trial cannot train right (max_length past its
+        # positions, a chat template whose turns end with another token than the EOS TRL appends) is a
+        # configuration error, not a trained adapter that never learnt to stop.
+        self.model_check = check_trial_model(spec)
         self.prefix = trial_prefix(spec.sweep, spec.trial_id)
         self.hw = detect_hardware()
         self.procs = processes()
@@ -225,6 +229,7 @@ class Recipe:
             "cpu_threads_per_process": self.cpu_threads if self.hw.device == "cpu" else None,
             "lora_dropout_effective": effective_lora_dropout(self.trainer.model),
             "versions": library_versions(),
+            "model_check": self.model_check,  # max_length vs the model's positions, the chat template's turn end
         }
         if world > 1:
             record["peak_memory_gb_per_rank"] = [round(p, 3) for p in self.peaks]

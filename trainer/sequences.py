@@ -2,7 +2,8 @@
 
 TRL 1.16 (checked in trl/trainer/sft_trainer.py and dpo_trainer.py, prompt/completion text rows):
 - the completion gets the tokenizer's EOS appended unless it already ends with it;
-- `prompt` and `prompt + completion` are tokenized with the tokenizer's special tokens (TinyLlama: BOS first),
+- `prompt` and `prompt + completion` are tokenized with the tokenizer's special tokens (TinyLlama: BOS first;
+  SmolLM2 adds none to plain text, its chat prompt starts with the <|im_start|> the template writes),
   and the completion is what follows their common prefix (`trl.data_utils.common_prefix_length`), so the
   answer's first token is the one it gets in context, not the one it gets alone;
 - SFT: the sequence is cut to `max_length` from the end (truncation_mode keep_start) and dropped when no
@@ -10,7 +11,8 @@ TRL 1.16 (checked in trl/trainer/sft_trainer.py and dpo_trainer.py, prompt/compl
 - DPO: the prompt is the shorter common prefix of the two pairs; a pair whose prompt alone has `max_length`
   tokens or more is dropped; each of prompt+chosen and prompt+rejected is cut to `max_length`.
 The trainers themselves run TRL's code; tests/test_scoring.py checks these functions give the same ids and
-masks as the datasets TRL prepared.
+masks as the datasets TRL prepared. The EOS appended here is what ends an answer, so generation stops on it too
+(stop_token_ids), and trainer.modeling.check_turn_end_is_eos refuses a chat template that ends turns otherwise.
 """
 
 from __future__ import annotations
@@ -77,3 +79,16 @@ def dpo_pair(tokenizer, prompt: str, chosen: str, rejected: str,
         cut = max_length is not None and len(full) > max_length
         out.append(Scored(tuple(full[:max_length] if cut else full), start, cut))
     return out[0], out[1]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's own generation_config eos_token_id (an int or a list: a chat
+    model may stop on an end-of-turn token that is not the tokenizer's EOS) plus the tokenizer's EOS, which is
+    what training appended to every completion. Sorted, without duplicates or None."""
+    ids: set[int] = set()
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (own, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return sorted(ids)
