@@ -35,6 +35,14 @@ COLUMNS = [
 MARKS = {selection.BEST: "**best**", selection.TIED: "tied with best", selection.WORSE: "worse",
          selection.NOT_TESTED: "not tested"}
 NOT_APPLICABLE = "n/a"  # a figure that does not apply to a base/start row (e.g. preference accuracy): never a 0
+FAILED = "failed"  # a figure not measured because its part of the evaluation failed (eval.json `errors`)
+# What the held-out part of an evaluation (eval.json errors[].part "heldout") measures, by the sweep's stage; the
+# benchmark ("benchmark") measures gsm8k_accuracy, an extra eval set ("set:<name>") what other rows took from it.
+HELDOUT_METRICS = {"sft": ("heldout_perplexity", "heldout_loss"),
+                   "dpo": ("preference_accuracy", "logp_preference_accuracy", "lennorm_preference_accuracy",
+                           "logratio_margin", "reward_margin", "heldout_dpo_loss")}
+# Held-out figures against the start model: only a row with its own adapter has them (never base/start).
+VS_START = frozenset({"preference_accuracy", "logratio_margin", "reward_margin", "heldout_dpo_loss"})
 
 
 def collect_rows(store: ArtifactStore, specs: list[TrialSpec]) -> list[dict]:
@@ -75,9 +83,53 @@ def row_figures(row: dict, n_boot: int = 1000) -> dict[str, dict]:
     return figures
 
 
+def eval_errors(row: dict) -> list[dict]:
+    """The parts of a finished row's evaluation that failed (eval.json `errors`: part, error, reason)."""
+    return list((row.get("eval") or {}).get("errors") or [])
+
+
+def failed_metrics(row: dict, rows: list[dict]) -> dict[str, str]:
+    """{metric: the failed part} for the figures `row` lacks because a part of its evaluation failed: the
+    benchmark's gsm8k_accuracy, the held-out rows' figures (HELDOUT_METRICS for the sweep's stage; on a base/start
+    row only those it would have had), and for an extra eval set ("set:<name>") the metrics the other rows took
+    from that set. The leaderboard shows these as FAILED, not as "-" (no figure) or n/a (does not apply)."""
+    errors = eval_errors(row)
+    if not errors:
+        return {}
+    stage = "dpo" if any(r.get("stage") == "dpo" for r in rows) else "sft"  # the sweep's (base rows say "base")
+    ev = row["eval"]
+    out: dict[str, str] = {}
+    for error in errors:
+        part = str(error.get("part") or "")
+        if part == "benchmark":
+            metrics = {"gsm8k_accuracy"}
+        elif part == "heldout":
+            metrics = set(HELDOUT_METRICS[stage]) - (VS_START if row.get("stage") == "base" else set())
+        elif part.startswith("set:"):
+            name = part[len("set:"):]
+            metrics = {m for r in rows if r is not row for m, d in ((r.get("eval") or {}).get("per_row") or {}).items()
+                       if isinstance(d, dict) and d.get("set") == name}
+        else:
+            metrics = set()
+        for metric in sorted(metrics):
+            if metric not in (ev.get("per_row") or {}) and (ev.get("summary") or {}).get(metric) is None:
+                out.setdefault(metric, part)
+    return out
+
+
+def _error_warning(row: dict, error: dict, metrics: list[str]) -> str:
+    reason = " ".join(str(error.get("reason") or "").split())
+    reason = reason if len(reason) <= 500 else reason[:497] + "..."
+    what = f"{error.get('error')}: {reason}" if error.get("error") else reason
+    lost = f"; not measured (shown as `{FAILED}`): {', '.join(metrics)}" if metrics else ""
+    return (f"{row['name']}: the `{error.get('part', '?')}` part of its evaluation failed ({what}){lost}; its "
+            "other figures stand")
+
+
 def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
     """The failure modes the users hit: trials with identical outputs (on every eval set), trials that equal
-    the base model, adapters that change nothing."""
+    the base model, adapters that change nothing, failed trials, and each part of an evaluation that failed
+    (eval.json `errors`: the trial is done with its other figures)."""
     warnings = []
     prints = {r["name"]: {name: s.get("fingerprint") for name, s in r["eval"]["sets"].items()}
               for r in rows if "eval" in r}
@@ -103,11 +155,17 @@ def find_warnings(rows: list[dict], primary_set: str) -> list[str]:
             failure = r["failure"]
             warnings.append(f"{r['name']}: failed in {failure['phase']} (exit {failure.get('exit_code', '?')}): "
                             f"{failure['reason']}")
+        lost = failed_metrics(r, rows)
+        for error in eval_errors(r):
+            shown = [m for m, part in lost.items() if part == error.get("part")]
+            warnings.append(_error_warning(r, error, shown))
     return warnings
 
 
-def _cell(figure: dict | None, fmt: str, row: dict, with_rows: bool) -> str:
+def _cell(figure: dict | None, fmt: str, row: dict, with_rows: bool, failed: bool = False) -> str:
     if figure is None or figure.get("value") is None:
+        if failed:  # not measured because its part of the evaluation failed: not "-" (none) or n/a
+            return FAILED
         if row["stage"] == "base":
             return NOT_APPLICABLE
         return "-" if row["state"] == "done" else row["state"]
@@ -119,8 +177,11 @@ def _cell(figure: dict | None, fmt: str, row: dict, with_rows: bool) -> str:
     return text
 
 
-def _shown_columns(figures: dict[str, dict]) -> list[tuple[str, str, str]]:
-    return [c for c in COLUMNS if any(f.get(c[1], {}).get("value") is not None for f in figures.values())]
+def _shown_columns(figures: dict[str, dict], failed: dict[str, dict] | None = None) -> list[tuple[str, str, str]]:
+    """The columns some row has a value for, or (given `failed`: {row name: failed_metrics}) failed to measure."""
+    lost = {m for f in (failed or {}).values() for m in f}
+    return [c for c in COLUMNS if c[1] in lost or any(f.get(c[1], {}).get("value") is not None
+                                                      for f in figures.values())]
 
 
 def _column_rows(figures: dict[str, dict], metric: str) -> int | None:
@@ -133,7 +194,8 @@ def leaderboard_md(rows: list[dict], figures: dict[str, dict], record: dict | No
     """One line per row: hyperparameters, each metric as `value [lo, hi]` (95%), the selection verdict."""
     verdicts = {t["name"]: t["verdict"] for t in (record or {}).get("trials", [])}
     ineligible = {t["name"] for t in (record or {}).get("ineligible", [])}
-    shown = _shown_columns(figures)
+    failed = {r["name"]: failed_metrics(r, rows) for r in rows}
+    shown = _shown_columns(figures, failed)
     head = ["", "trial", "id", "r", "alpha", "targets", "lr", "batch", "epochs", "beta"]
     with_rows = {}
     for label, metric, _ in shown:
@@ -152,7 +214,7 @@ def leaderboard_md(rows: list[dict], figures: dict[str, dict], record: dict | No
         cells = [mark, r["name"], f"`{r['trial_id']}`", *hp]
         row_figs = figures.get(r["name"], {})
         for _, metric, fmt in shown:
-            cells.append(_cell(row_figs.get(metric), fmt, r, with_rows[metric]))
+            cells.append(_cell(row_figs.get(metric), fmt, r, with_rows[metric], metric in failed[r["name"]]))
         cells.append(f"{t['final_loss']:.4f}" if t.get("final_loss") is not None else "")
         cells.append(f"{t['wall_time_s']:.0f}s" if t.get("wall_time_s") else "")
         cells.append(f"{t['tokens_per_s']:.0f}" if t.get("tokens_per_s") else "")
@@ -265,9 +327,10 @@ def plot_metrics(rows: list[dict], metrics: list[str], figures: dict[str, dict])
         ax.bar([x for x, _, _ in present], [f["value"] for _, _, f in present], yerr=[low, high], capsize=3,
                ecolor="#333333", color=["#999999" if r["stage"] == "base" else "#3b75af" for _, r, _ in present])
         shown = {x for x, _, _ in present}
-        for x in range(len(done)):
+        for x, r in enumerate(done):
             if x not in shown:
-                ax.annotate(NOT_APPLICABLE, (x, 0), ha="center", va="bottom", fontsize=8, color="#666666")
+                label = FAILED if metric in failed_metrics(r, rows) else NOT_APPLICABLE
+                ax.annotate(label, (x, 0), ha="center", va="bottom", fontsize=8, color="#666666")
         ax.set_xticks(range(len(done)), [r["name"] for r in done])
         ax.set_xlim(-0.6, len(done) - 0.4)
         ax.set_title(f"{metric} ({SELECTABLE_METRICS.get(metric, 'max')} is better; 95% interval)", fontsize=9)
@@ -375,21 +438,23 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
                       f"the reference answer given the prompt"
                       + (f"; refusal rate over its {s['refusal_rows']} harmful prompts" if "refusal_rows" in s else "")
                       + ("; exact match of the final number" if "math_accuracy" in s else "") + ".")
-        held = first["eval"].get("heldout")
+        held = next((r["eval"]["heldout"] for r in rows if (r.get("eval") or {}).get("heldout")), None)
         if held:
             n = held.get("rows", held.get("pairs"))
             md.append(f"- held-out: {n} rows of `{held['split']}`" + (
                 ": preference accuracy, log-ratio margin and held-out DPO loss of the implicit reward against the "
                 "start model, and how often log p(chosen) > log p(rejected)" if "pairs" in held
                 else ": perplexity of the reference responses given their prompts") + ".")
-        gsm8k = (first["eval"].get("per_row") or {}).get("gsm8k_accuracy")
+        gsm8k = next((r["eval"]["per_row"]["gsm8k_accuracy"] for r in rows if "gsm8k_accuracy" in
+                      ((r.get("eval") or {}).get("per_row") or {})), None)  # the first row's may have failed
         if gsm8k:
             md.append(f"- GSM8K benchmark: exact match of the final number on {len(gsm8k['ids'])} rows of GSM8K's "
                       "test split, with its Wilson interval.")
         md.append("- repetition: share of repeated word 4-grams within an answer, averaged over answers.")
         md.append(f"- intervals: {selection.CONFIDENCE:.0%}, Wilson for proportions, bootstrap percentile "
                   f"({n_boot} resamples of rows) for means, perplexities and BLEU/chrF; `{NOT_APPLICABLE}`: the "
-                  "figure does not apply to that row; `(no interval)`: an older eval.json without per-row data.")
+                  f"figure does not apply to that row; `{FAILED}`: not measured because that part of the row's "
+                  "evaluation failed (see Warnings); `(no interval)`: an older eval.json without per-row data.")
     md += ["", "## Leaderboard", "", leaderboard_md(rows, figures, record), ""]
     if widths:
         md.append("Interval widths (median over trials, 95%):")
@@ -418,7 +483,9 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     verdicts = {t["name"]: t["verdict"] for t in record["trials"]}
     verdicts.update({t["name"]: "ineligible: " + t["reason"] for t in record["ineligible"]})
     board = [{**{k: v for k, v in r.items() if k in ("name", "trial_id", "stage", "state", "summary", "failure")},
-              "figures": figures.get(r["name"], {}), "verdict": verdicts.get(r["name"])} for r in rows]
+              "figures": figures.get(r["name"], {}), "verdict": verdicts.get(r["name"]),
+              **({"eval_errors": eval_errors(r), "failed_metrics": failed_metrics(r, rows)} if eval_errors(r) else {})}
+             for r in rows]
     store.write_json(f"{prefix}/leaderboard.json", {"sweep": sweep.name, "best": best, "selection": record,
                                                     "interval_widths": widths, "rows": board,
                                                     "warnings": warnings})

@@ -16,6 +16,7 @@ from .plan import project_dir
 
 log = logging.getLogger("finesweep")
 UNRESOLVED = "unresolved"
+NOTE_REASON_CHARS = 100  # per eval.json error in the note column of `status`
 
 
 def submit(args, store: ArtifactStore) -> int:
@@ -111,7 +112,7 @@ def cancel(args, store: ArtifactStore) -> int:
     and ConfigMaps, and mark its unfinished trials stopped in the store (a search sweep's: every trial of its
     study, as `status` lists them); finished artifacts stay, and a later submit carries on. Local: trials run
     in the foreground `submit` process only, so there is nothing else to stop (Ctrl-C stops that one)."""
-    plans = load_plan(args.sweep, store, allow_unresolved=True)
+    plans = load_plan(args.sweep, store, allow_unresolved=True, check_data=False)
     resolve_recorded_starts(plans, store)
     if args.backend != "k8s":
         log.info("local backend: trials run only inside a foreground `finesweep submit`; stop it with Ctrl-C. "
@@ -195,7 +196,7 @@ def _specs(plan: SweepPlan, store: ArtifactStore) -> list:
 
 
 def status(args, store: ArtifactStore) -> int:
-    plans = load_plan(args.sweep, store, allow_unresolved=True)
+    plans = load_plan(args.sweep, store, allow_unresolved=True, check_data=False)
     resolve_recorded_starts(plans, store)
     phases = {}
     if args.backend == "k8s":
@@ -222,9 +223,11 @@ def status(args, store: ArtifactStore) -> int:
             st = read_status(store, spec.sweep, spec.trial_id)
             note, bleu, value = "", "", ""
             if st.done:
-                summary = store.read_json(f"{prefix}/eval.json")["summary"]
+                ev = store.read_json(f"{prefix}/eval.json")
+                summary = ev["summary"]
                 bleu = f"{summary.get('bleu', 0):.2f}"
                 value = f"{summary[metric]:.4g}" if summary.get(metric) is not None else "-"
+                note = eval_errors_note(ev.get("errors"))
             elif st.failure is not None:
                 note = f"{st.failure.phase}: {st.failure.reason}"
             elif st.state is TrialState.PRUNED:
@@ -237,10 +240,23 @@ def status(args, store: ArtifactStore) -> int:
     return 0
 
 
+def eval_errors_note(errors: list[dict] | None) -> str:
+    """status's note for a done trial whose evaluation lost a part (eval.json `errors`, each {part, error,
+    reason}): `eval errors: benchmark: DatasetError: ...; heldout: ...`, each reason on one line and cut to
+    NOTE_REASON_CHARS (the whole reasons are in eval.json and in the report's warnings)."""
+    parts = []
+    for e in errors or []:
+        reason = " ".join(str(e.get("reason") or "").split())
+        if len(reason) > NOTE_REASON_CHARS:
+            reason = reason[:NOTE_REASON_CHARS - 3].rstrip() + "..."
+        parts.append(": ".join(str(x) for x in (e.get("part") or "?", e.get("error"), reason) if x))
+    return "eval errors: " + "; ".join(parts) if parts else ""
+
+
 def report(args, store: ArtifactStore) -> int:
     from evaluator.report import build_report
 
-    plans = load_plan(args.sweep, store, allow_unresolved=True)
+    plans = load_plan(args.sweep, store, allow_unresolved=True, check_data=False)
     resolve_recorded_starts(plans, store)
     for plan in plans:
         if not plan.resolved:
@@ -268,7 +284,7 @@ def _print_reports(plans: list[SweepPlan], store: ArtifactStore) -> None:
 
 
 def logs(args, store: ArtifactStore) -> int:
-    plans = load_plan(args.sweep, store, allow_unresolved=True)
+    plans = load_plan(args.sweep, store, allow_unresolved=True, check_data=False)
     resolve_recorded_starts(plans, store)
     if args.backend == "k8s":
         from . import k8s_backend

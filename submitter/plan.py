@@ -48,10 +48,13 @@ class SweepPlan:
 
 
 def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None,
-              allow_unresolved: bool = False) -> list[SweepPlan]:
+              allow_unresolved: bool = False, check_data: bool = True) -> list[SweepPlan]:
     """Validate the whole file (every sweep, every trial, local paths, eval sets, start points) before
     anything runs; raises SweepError naming the file, the field and the fix. With `allow_unresolved`
-    (dry runs, status), a start point missing from the store leaves the plan unresolved instead."""
+    (dry runs, status), a start point missing from the store leaves the plan unresolved instead.
+    `check_data=False` is for the commands that only read the store (status, report, logs, cancel): the
+    dataset references are checked as paths only, without reading them through `datasets` (whose import alone
+    takes seconds); submit, its dry run and the controller keep the full check (preflight's `read_data`)."""
     jobs_dir = project_dir() / "jobs" if jobs_dir is None else jobs_dir
     path = resolve_sweep_path(sweep_arg, jobs_dir)
     if not _exists(path):
@@ -62,7 +65,7 @@ def load_plan(sweep_arg: str, store: ArtifactStore, jobs_dir: Path | None = None
     in_file = {s.name for s in sweeps}
     for i, sweep in enumerate(sweeps):
         where = f"pipeline[{i}]." if len(sweeps) > 1 else ""
-        found = preflight(sweep, where, store)
+        found = preflight(sweep, where, store, read_data=check_data)
         start = None
         if sweep.stage == "dpo" and sweep.start_sweep not in in_file:
             try:
@@ -129,10 +132,12 @@ def describe_sources(plan: SweepPlan, store: ArtifactStore) -> list[str]:
     return lines
 
 
-def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None) -> list:
+def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None, read_data: bool = True) -> list:
     """Checks that need the file system: the local model (unless staged in the store), every dataset reference
     (dataset:, eval.benchmark:) resolved and, when local, loaded by the trainer's and evaluator's own loader
-    (check_data), and the eval sets by the evaluator's own lookup. Returns what `sources` found in the store."""
+    (check_data), and the eval sets by the evaluator's own lookup. Returns what `sources` found in the store.
+    With `read_data=False` (the read-only commands: load_plan's check_data) the dataset references are checked
+    as paths only (a local one must exist), the check of earlier versions, and `datasets` is not imported."""
     src = sweep.source
     found = sources(sweep, store)
     staged = {(kind, name) for kind, name, record in found if record is not None and "unreadable" not in record}
@@ -140,7 +145,12 @@ def preflight(sweep: Sweep, where: str = "", store: ArtifactStore | None = None)
         raise SweepError(src, f"{where}model", f"local model folder {sweep.model!r} does not exist",
                          "build it (make tiny-model for build/tiny-llama), stage it (finesweep stage), or name a "
                          "Hub model id")
-    check_data(sweep, where, staged)
+    if read_data:
+        check_data(sweep, where, staged)
+    else:
+        for field, spec in (("dataset", sweep.dataset), ("eval.benchmark", sweep.eval.benchmark)):
+            if spec is not None and not (("datasets", spec.path) in staged and not _exists(spec.path)):
+                _check_paths(sweep, where, field, spec)
     sets = [("eval.set", sweep.eval.set), *((f"eval.extra_sets[{i}]", n) for i, n in enumerate(sweep.eval.extra_sets))]
     for field, name in sets:
         try:

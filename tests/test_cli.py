@@ -132,3 +132,73 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ------------------------------------------------------------------------------------- status
+
+def _done_sweep(tmp_path: Path, errors: list[dict] | None) -> tuple[Path, Path]:
+    """A one-trial SFT sweep (Hub model id, local data, the local GSM8K folder as benchmark) whose base row and
+    trial are done in a local store, the trial's eval.json with `errors` when given."""
+    from finesweep.spec import load_sweeps
+    from finesweep.store import DONE, LocalStore, trial_prefix
+
+    data = ROOT / "tests" / "fixtures" / "datasets"
+    sweep_file = tmp_path / "errs.yaml"
+    sweep_file.write_text(
+        "name: errs\nstage: sft\nmodel: TinyLlama/TinyLlama-1.1B-Chat-v1.0\n"
+        f"dataset: {{path: {data / 'instructions-local' / 'train.jsonl'}, format: instruction}}\n"
+        f"eval: {{set: math-word-problems, benchmark: {{path: {data / 'gsm8k-local'}}}}}\n"
+        "select: {metric: gsm8k_accuracy}\ntrials: [{name: a, lr: 1.0e-4}]\n", encoding="utf-8")
+    (sweep,) = load_sweeps(sweep_file)
+    store = LocalStore(tmp_path / "store")
+    for spec in sweep.reference_specs() + sweep.trial_specs():
+        prefix = trial_prefix(spec.sweep, spec.trial_id)
+        ev = {"summary": {"bleu": 1.5, "gsm8k_accuracy": None if spec.trains else 0.25},
+              "sets": {"math-word-problems": {"rows": 1, "fingerprint": spec.name,
+                                              "generation": {"max_new_tokens": 8, "batch_size": 4}}}}
+        if spec.trains and errors:
+            ev["errors"] = errors
+        store.write_json(f"{prefix}/eval.json", ev)
+        store.write_bytes(f"{prefix}/samples.jsonl", b"")
+        if spec.trains:
+            store.write_json(f"{prefix}/train.json", {"wall_time_s": 1.0, "log_history": []})
+        store.write_marker(f"{prefix}/{DONE}", {})
+    return sweep_file, tmp_path / "store"
+
+
+def test_status_shows_the_parts_of_an_evaluation_that_failed(tmp_path, capsys):
+    """A done trial whose benchmark and an extra eval set failed (eval.json `errors`) says so in the note column,
+    each reason on one line and cut short."""
+    reason = "local benchmark folder 'x' has no split 'test' (it has: train). Fix: " + "set eval.benchmark.split " * 20
+    sweep_file, store = _done_sweep(tmp_path, [{"part": "benchmark", "error": "DatasetError", "reason": reason},
+                                               {"part": "set:math-word-problems", "error": "RuntimeError",
+                                                "reason": "CUDA error:\n  device-side assert"}])
+    assert main(["status", str(sweep_file), "--store", str(store)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "eval errors" not in lines["base"] and lines["base"].split()[2] == "done"
+    note = lines["a"].split("  eval errors: ", 1)[1]
+    assert lines["a"].split()[2] == "done" and " - " in lines["a"]  # no gsm8k_accuracy: "-"
+    assert note.startswith("benchmark: DatasetError: local benchmark folder 'x' has no split 'test'")
+    assert "; set:math-word-problems: RuntimeError: CUDA error: device-side assert" in note
+    assert len(note) < 300 and "..." in note  # each reason cut short: the whole one is in eval.json
+
+
+def test_read_only_commands_do_not_read_the_data(tmp_path, capsys, monkeypatch):
+    """status, report, logs and cancel check the sweep's data as paths only: no `datasets` import (seconds);
+    submit keeps the full check (trainer.data.check_dataset/check_benchmark)."""
+    from finesweep.store import LocalStore
+    from submitter import plan
+
+    sweep_file, store = _done_sweep(tmp_path, None)
+    calls = []
+    monkeypatch.setattr(plan, "check_data", lambda *a, **k: calls.append(a))
+    assert main(["status", str(sweep_file), "--store", str(store)]) == 0
+    assert main(["cancel", str(sweep_file), "--store", str(store)]) == 0
+    assert main(["logs", str(sweep_file), "--store", str(store)]) == 1  # no logs in this store
+    assert main(["report", str(sweep_file), "--store", str(store)]) == 0
+    assert calls == []
+    plan.load_plan(str(sweep_file), LocalStore(store))
+    assert len(calls) == 1  # the default (submit, dry run, controller): the full check
+    missing = sweep_file.read_text().replace("gsm8k-local", "no-such-folder")
+    sweep_file.write_text(missing)
+    assert main(["status", str(sweep_file), "--store", str(store)]) == 2  # a missing local path still fails
