@@ -310,3 +310,15 @@ def test_dpo_may_still_search_beta_and_shipped_sweeps_load():
     assert [p.key for p in sweep.search.space] == ["beta"]
     for path in sorted((ROOT / "jobs").glob("*.yaml")):
         assert load_sweeps(path)
+
+
+def test_a_trial_killed_by_the_oom_killer_says_so(tmp_path):
+    """A process ended by SIGKILL (the kernel's OOM killer) is recorded with that reason and the fix, not with the
+    last line it logged ("training 6 steps"), which says nothing about why it stopped."""
+    import signal
+
+    from submitter.local import killed_reason
+
+    assert "out of memory" in killed_reason(-signal.SIGKILL) and "batch_size" in killed_reason(-signal.SIGKILL)
+    assert killed_reason(-signal.SIGTERM) == "killed by SIGTERM"
+    assert killed_reason(3) is None and killed_reason(0) is None
