@@ -209,6 +209,53 @@ def read_run(strategy: str, seed: int, a) -> dict:
             "sweep_yaml": (job / "sweep.yaml").read_text()}
 
 
+def test_split(a) -> str:
+    """Rows never used for choosing: the --test rows just before the held-out (choosing) rows of train.jsonl."""
+    total = sum(1 for line in GSM8K.open() if line.strip())
+    return f"train[{total - a.heldout - a.test}:{total - a.heldout}]"
+
+
+def score_on_test(run: dict, a) -> dict | None:
+    """The run's chosen trial (lowest held-out loss among complete trials: what the search chose on its rows)
+    scored on the test rows by the evaluator's own held-out step (same tokenization, drop rules and scoring), its
+    per-row figures kept for paired comparisons. Cached in the run's folder: a rerun does not score again."""
+    import dataclasses
+
+    complete = [t for t in run["trials"] if t["heldout_loss"] is not None]
+    if not complete:
+        return None
+    chosen = min(complete, key=lambda t: t["heldout_loss"])
+    cache = a.work / slug(run["strategy"], run["seed"]) / f"test-{chosen['trial_id']}-{a.test}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from evaluator import evaluate, scoring
+    from finesweep.search import Search
+    from finesweep.store import LocalStore
+    from submitter.plan import load_plan
+    from trainer.modeling import fetch_adapter, load_adapter_checked, load_base_model, load_tokenizer, scratch_dir
+    from trainer.runtime import detect_hardware
+
+    job = a.work / slug(run["strategy"], run["seed"])
+    store = LocalStore(job / "store")
+    (plan,) = load_plan(str(job / "sweep.yaml"), store)
+    specs = list(plan.trials()) if plan.sweep.search is None else Search(plan.sweep, store).trial_specs()
+    spec = next(s for s in specs if s.trial_id == chosen["trial_id"])
+    hw = detect_hardware()
+    workdir = scratch_dir("bench-test")
+    model, own = load_adapter_checked(load_base_model(spec.model, hw), fetch_adapter(store, spec, workdir))
+    model.eval()
+    on_test = dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, test_split=test_split(a)),
+                                  eval=dataclasses.replace(spec.eval, heldout_rows=a.test))
+    ev = evaluate._Evaluation(on_test, f"[test {run['sweep']}/{spec.name}]", model, load_tokenizer(spec.model),
+                              {}, True, model.disable_adapter, scoring, {})
+    evaluate._heldout(ev)
+    out = {"trial": chosen["name"], "trial_id": chosen["trial_id"], "split": test_split(a),
+           "loss": ev.result["heldout"]["loss"], "rows": ev.result["heldout"]["rows"],
+           "per_row": ev.per_row["heldout_loss"]}
+    cache.write_text(json.dumps(out))
+    return out
+
+
 def steps_to_reach(run: dict, target: float) -> int | None:
     """Cumulative steps at the end of the first trial that brings best-so-far to `target` or below."""
     return next((c["steps"] for c in run["curve"] if c["best"] is not None and c["best"] <= target), None)
@@ -235,7 +282,17 @@ def summarize(runs: dict, a) -> dict:
             "aliases": [sum(t["alias_of"] is not None for t in r["trials"]) for r in rs],
             "heldout_rows": sorted({t["heldout_rows"] for r in rs for t in r["trials"] if t["heldout_rows"]}),
             "diff_vs_list": diffs, "diff_vs_list_mean": sum(diffs) / len(diffs),
+            "examples": [sum(t["examples"] for t in r["trials"]) for r in rs],
         }
+        tests = [r.get("test") for r in rs]
+        if all(tests):
+            from finesweep.stats import compare, metric_rows
+
+            vs = [compare(metric_rows("heldout_loss", t["per_row"]),
+                          metric_rows("heldout_loss", runs[("list", r["seed"])]["test"]["per_row"]), n_boot=2000)
+                  for t, r in zip(tests, rs)]
+            out[strategy]["test"] = {"chosen": [t["trial"] for t in tests], "loss": [t["loss"] for t in tests],
+                                     "rows": [t["rows"] for t in tests], "minus_list": vs}
     spread = {s: out[s]["best_max"] - out[s]["best_min"] for s in STRATEGIES}
     for strategy in STRATEGIES:
         o = out[strategy]
@@ -251,15 +308,26 @@ def summarize(runs: dict, a) -> dict:
     target["tpe+asha_steps_to_tie"] = out["tpe+asha"]["steps_to_tie_list_best"]
     target["met_as_tie"] = [x is not None and x <= half[s] for x, s in zip(target["tpe+asha_steps_to_tie"], SEEDS)]
     return {"per_strategy": out, "list_best": [list_best[s] for s in SEEDS], "list_noise": list_noise,
-            "target": target}
+            "target": target, "model": str(a.model)}
+
+
+def test_cell(strategy: str, o: dict) -> str:
+    t = o.get("test")
+    if not t:
+        return "not scored"
+    if strategy == "list":
+        return " / ".join(f"{v:.4f} ({n} rows)" for v, n in zip(t["loss"], t["rows"]))
+    return " / ".join(f"{v:.4f}, {c['difference']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]"
+                      for v, c in zip(t["loss"], t["minus_list"]))
 
 
 def table_md(summary: dict) -> str:
     f = lambda v: f"{v:.4f}"  # noqa: E731
     lines = ["| strategy | best held-out loss, mean (min-max over 3 seeds) | vs list: mean per-seed difference "
              "(verdict) | steps spent (seeds 0/1/2) | steps to reach the same seed's list best (0/1/2) | steps to within "
-             f"{summary['list_noise']:.4f} of it (a tie; 0/1/2) | trials run (0/1/2) | pruned (0/1/2) | held-out rows |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{summary['list_noise']:.4f} of it (a tie; 0/1/2) | trials run (0/1/2) | pruned (0/1/2) | held-out rows |"
+             " examples trained (0/1/2) | chosen trial on the test rows: loss, minus the list's [95% interval] (0/1/2) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in STRATEGIES:
         o = summary["per_strategy"][s]
         reach = " / ".join("not reached" if x is None else str(x) for x in o["steps_to_list_best"])
@@ -267,8 +335,16 @@ def table_md(summary: dict) -> str:
         vs = "-" if s == "list" else f"{o['diff_vs_list_mean']:+.4f} ({o['verdict_vs_list']})"
         lines.append(f"| {s} | {f(o['best_mean'])} ({f(o['best_min'])}-{f(o['best_max'])}) | {vs} | "
                      f"{' / '.join(map(str, o['steps']))} | {reach} | {tie} | {' / '.join(map(str, o['trials']))} | "
-                     f"{' / '.join(map(str, o['pruned']))} | {', '.join(map(str, o['heldout_rows']))} |")
+                     f"{' / '.join(map(str, o['pruned']))} | {', '.join(map(str, o['heldout_rows']))} | "
+                     f"{' / '.join(map(str, o['examples']))} | {test_cell(s, o)} |")
     return "\n".join(lines)
+
+
+def model_label(model: str) -> str:
+    """What the plot calls the model: the real model by its name, a tiny fixture as what it is."""
+    name = Path(model).name
+    return {"tiny-llama": "tiny random-init Llama", "smollm2-135m-instruct": "SmolLM2-135M-Instruct (real)"}.get(
+        name, name)
 
 
 def plot(runs: dict, summary: dict, path: Path, budget: int) -> None:
@@ -298,7 +374,7 @@ def plot(runs: dict, summary: dict, path: Path, budget: int) -> None:
     ax.set_xlabel("optimizer steps spent (all trials, pruned ones included)")
     ax.set_ylabel("best-so-far held-out loss (complete trials)")
     rows = sorted({r for o in summary["per_strategy"].values() for r in o["heldout_rows"]})
-    ax.set_title(f"Search at equal step budget, tiny random-init Llama, GSM8K\n"
+    ax.set_title(f"Search at equal step budget, {model_label(summary['model'])}, GSM8K\n"
                  f"mean over seeds 0-2, band min-max; held-out rows: {', '.join(map(str, rows))}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -316,6 +392,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64, help="GSM8K training rows")
     p.add_argument("--heldout", type=int, default=16, help="held-out rows (the objective)")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--test", type=int, default=0, help="rows never used for choosing (before the held-out rows): "
+                   "each run's chosen trial is scored on them; 0: not scored")
     p.add_argument("--grid-points", type=int, default=5)
     p.add_argument("--startup", type=int, default=3, help="TPE random startup trials")
     p.add_argument("--min-examples", type=int, default=4, help="ASHA's first rung, in training examples")
@@ -361,6 +439,9 @@ def main() -> None:
     if any(codes):
         sys.exit("some runs failed: see their logs; rerun with --work to resume")
     runs = {(s, seed): read_run(s, seed, a) for seed in SEEDS for s in STRATEGIES}
+    if a.test:
+        for run in runs.values():
+            run["test"] = score_on_test(run, a)
     summary = summarize(runs, a)
     table = table_md(summary)
     plot(runs, summary, a.out / "search-benchmark.png", 5 * a.steps)

@@ -1,6 +1,6 @@
 """What a sweep buys, measured on the real chat model (SmolLM2-135M-Instruct, make real-model) on this machine.
 
-    nice -n 10 .venv/bin/python -m bench.sweep_value --out docs/real-model [--work DIR] [--part sft-dpo|selection|report]
+    nice -n 10 .venv/bin/python -m bench.sweep_value --out docs/real-model [--work DIR] [--part sft-dpo|refusals|selection|report]
 
 Every run is a sweep YAML written into WORK (default build/bench-value) and run by the project's own command
 (`python -m submitter submit FILE --store WORK/<run>/store`), so the figures are what `make submit` produces and a
@@ -13,7 +13,8 @@ run with --model build/smollm2-135m-instruct):
 2. DPO moves preferences (part sft-dpo): the DPO start model (the best SFT trial) vs the best DPO trial on held-out
    HH-RLHF pairs never trained on: log-prob preference accuracy (chosen more likely than rejected; McNemar), the
    best trial's implicit-reward accuracy and margins against the start model, the DPO health line (did chosen and
-   rejected log-probs both fall), and the refusal rate on the harmful prompts of dpo-mixed-prompts.
+   rejected log-probs both fall), and the refusal rate on the harmful prompts of dpo-mixed-prompts; part
+   refusals adds the refusal rate of both models on --refusal-prompts held-out HH-RLHF prompts (exact McNemar).
 3. Selection picks the truly better trial (part selection): three SFT configurations x three training seeds; each
    seed's trials are scored on the same held-out rows, cut into a validation part (the first VAL rows: used to
    choose) and a larger test part (the rest: used to check). The choice holds when no other trial of that seed is
@@ -212,6 +213,52 @@ def read_selection(work: Path) -> dict:
                                                                                    for x in seeds)}
 
 
+def measure_refusals(work: Path, model: Path, rows: int) -> dict:
+    """Refusals on harmful prompts the DPO trials never saw, with enough rows for an interval: the first `rows`
+    prompts of the DPO held-out split (HH-RLHF harmless-base: people trying to get harmful help), rendered as
+    the trials were trained, answered greedily by the DPO start model (the best DPO trial with its own adapter
+    off) and by the best DPO trial, each answer judged by evaluator.metrics.is_refusal. Cached in WORK."""
+    cache = work / "sft-dpo" / f"refusals-{rows}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from evaluator import evaluate
+    from evaluator.metrics import is_refusal
+    from finesweep.stats import compare, metric_rows
+    from submitter.plan import load_plan, resolve_start
+    from trainer.data import load_splits, render_dpo
+    from trainer.modeling import scratch_dir
+    from trainer.runtime import detect_hardware
+
+    store = _store(work, "sft-dpo")
+    best = store.read_json("value-dpo/best.json")
+    plan = next(p for p in load_plan(str(work / "sft-dpo" / "sweep.yaml"), store) if p.sweep.name == "value-dpo")
+    plan.start = resolve_start(plan.sweep, store)  # the SFT stage is finished: its best trial is in the store
+    spec = next(t for t in plan.trials() if t.trial_id == best["trial_id"])
+    run = evaluate._load_model(spec, store, detect_hardware(), scratch_dir("bench-refusals"), "[refusals]")
+    _, held = load_splits(spec.dataset, None)
+    held = held.select(range(min(rows, len(held))))
+    prompts = [r["prompt"] for r in render_dpo(held, run.tokenizer, spec.prompt_format)]
+    ids = [f"harmful:{i}" for i in range(len(prompts))]
+    generate = lambda: run.scoring.generate(run.model, run.tokenizer, prompts, 64, 12)  # noqa: E731
+    with run.disabled():
+        start_answers, start_gen = generate()
+    best_answers, best_gen = generate()
+    entries = {name: {"kind": "binary", "ids": ids, "values": [float(is_refusal(a)) for a in answers]}
+               for name, answers in (("start", start_answers), ("best", best_answers))}
+    chosen = {"kind": "binary", "ids": ids, "values": [float(is_refusal(r["chosen"])) for r in held]}
+    out = {"prompts": len(prompts), "split": spec.dataset.test_split, "max_new_tokens": 64, "best": best["name"],
+           "refusal_rate": {n: _figure({"per_row": {"r": e}}, "r") for n, e in entries.items()},
+           "chosen_answers_refusal_rate": _figure({"per_row": {"r": chosen}}, "r"),
+           "best_minus_start": compare(metric_rows("r", entries["best"]), metric_rows("r", entries["start"]),
+                                       n_boot=2000),
+           "changed_answers": sum(a != b for a, b in zip(start_answers, best_answers)),
+           "hit_limit": {"start": start_gen["hit_limit"], "best": best_gen["hit_limit"]},
+           "examples": [{"prompt": prompts[i][-300:], "start": start_answers[i], "best": best_answers[i]}
+                        for i in range(min(4, len(prompts)))]}
+    cache.write_text(json.dumps(out, indent=1))
+    return out
+
+
 # ------------------------------------------------------------------------------------------- plots
 def plot_sft_dpo(r: dict, path: Path) -> None:
     import matplotlib
@@ -267,7 +314,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "real-model")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "bench-value")
     p.add_argument("--model", type=Path, default=REAL)
-    p.add_argument("--part", choices=["sft-dpo", "selection", "report", "all"], default="all")
+    p.add_argument("--part", choices=["sft-dpo", "refusals", "selection", "report", "all"], default="all")
+    p.add_argument("--refusal-prompts", type=int, default=SIZES["dpo_heldout"] // 2)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -288,6 +336,8 @@ def main() -> None:
     if (a.work / "sft-dpo" / "store").exists():
         results["sft_dpo"] = read_sft_dpo(a.work)
         results["sft_dpo"]["sweep_yaml"] = yaml.safe_dump(sft_dpo_yaml(a.model), sort_keys=False)
+        if a.part in ("refusals", "all") or (a.work / "sft-dpo" / f"refusals-{a.refusal_prompts}.json").exists():
+            results["sft_dpo"]["dpo"]["refusals_heldout"] = measure_refusals(a.work, a.model, a.refusal_prompts)
         plot_sft_dpo(results["sft_dpo"], a.out / "sft-dpo.png")
     if all((a.work / f"select-s{seed}" / "store").exists() for seed in SEEDS):
         results["selection"] = read_selection(a.work)
