@@ -72,7 +72,7 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
     try:
         run = _load_model(spec, store, hw, workdir, label)
         ev = spec.eval
-        for set_name in (ev.set, *ev.extra_sets):
+        for set_name in set_names(ev):
             _step(run, store, f"set:{set_name}", lambda: _generation_set(run, set_name), required=set_name == ev.set)
         _step(run, store, "heldout", lambda: _heldout(run))
         if ev.benchmark is not None:
@@ -80,6 +80,12 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
         return _finish(run, store, hw, started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def set_names(ev) -> list[str]:
+    """The generation sets of an evaluation, eval.set first, each once: a set named again in eval.extra_sets (or
+    twice there) would be generated and scored again for the same figures, and its samples written twice."""
+    return list(dict.fromkeys((ev.set, *ev.extra_sets)))
 
 
 def _load_model(spec: TrialSpec, store: ArtifactStore, hw, workdir, label: str) -> _Evaluation:
