@@ -1,6 +1,10 @@
 """Training benchmark: the users' recipe vs finesweep's defaults, same device, same rows, same model.
 
     python -m bench.bench_train [--size auto|full|cpu] [--out docs/benchmarks/<device>]
+    python -m bench.bench_train --model-name real [--only sft-users sft-compact ...]   (one round of the ladder)
+
+Real-model mode (`python -m bench --model real`, run_real): SmolLM2-135M-Instruct with its chat template, and
+between users and finesweep every rung of LADDER (each speed lever on top of the previous one).
 
 Two configurations per stage, each trained for a few steps in its own process (clean peak memory):
 - users: report 2 as they ran it with TRL: every row padded to max_length 512 (pad_to_multiple_of=512),
@@ -60,6 +64,40 @@ STEPS = {
     "cuda": {("sft", "users"): (3, 30), ("sft", "finesweep"): (3, 60), ("dpo", "users"): (3, 20),
              ("dpo", "finesweep"): (3, 40)},
 }
+# Real-model mode (--model real, SmolLM2-135M-Instruct on CPU): every configuration of the lever ladder, each
+# lever added on top of the previous one, ending at finesweep's defaults. (warm-up, timed) steps per stage.
+LADDER = {
+    "sft": ("users", "grouped", "no-ckpt", "no-metrics", "compact", "finesweep"),
+    "dpo": ("users", "grouped", "precompute", "no-ckpt", "no-metrics", "compact", "finesweep"),
+}
+RUNG_LABELS = {
+    "users": "users' recipe: pad to 512, gradient checkpointing on, TRL's LM head"
+             " (every position on CPU, with entropy/top-1/mean-logit metrics)",
+    "grouped": "+ length-grouped batches padded to their longest row",
+    "precompute": "+ reference log-probs precomputed once (length-sorted pairs)",
+    "no-ckpt": "+ gradient checkpointing off",
+    "no-metrics": "+ TRL's head asked for log-probs only (no entropy/top-1/mean-logit metrics)",
+    "compact": "+ compact chunked LM head: scored positions only, 256 rows a chunk, recomputed in the backward",
+    "finesweep": "+ micro-batches (SFT 1 row, DPO 2 pairs a pass; same loss and gradient, a fraction of the "
+                 "activations) = finesweep's defaults (speed.default_levers)",
+}
+REAL_STEPS = {"sft": {"users": (1, 3), "rung": (1, 4)}, "dpo": {"users": (1, 2), "rung": (1, 3)}}
+
+
+def rung_settings(stage: str, name: str) -> dict:
+    """What configuration `name` runs: the users' recipe, finesweep's defaults, or a ladder rung between them."""
+    if name == "users":
+        return {"pad_512": True, "checkpointing": "on", "precompute": False, "levers": None, "users": True}
+    if name == "finesweep":
+        return {"pad_512": False, "checkpointing": "auto", "precompute": stage == "dpo", "levers": None,
+                "users": False}
+    on = set(LADDER[stage][1:LADDER[stage].index(name) + 1])
+    return {"pad_512": False, "checkpointing": "off" if "no-ckpt" in on else "on",
+            "precompute": "precompute" in on, "users": False,
+            "levers": {"length_grouping": True, "lm_head": "compact" if "compact" in on else "trl",
+                       "head_metrics": "no-metrics" not in on, "micro_batch": None}}
+
+
 # DPO pairs the child trains on (the reference precompute runs over all of them); the full trial's lengths are
 # still computed from all pairs. None = all.
 DPO_CHILD_PAIRS = {"cpu": 32, "cuda": None}
@@ -142,20 +180,21 @@ def batch_stats(lengths: list[int], batch_size: int, policy: str, seed: int = 0,
 
 
 # ------------------------------------------------------------------------------------------------ child
-def make_spec(stage: str, recipe: str, model: str, rows: int | None, steps: int):
+def make_spec(stage: str, recipe: str, model: str, rows: int | None, steps: int, prompt_format: str = "instruction",
+              checkpointing: str | None = None):
     from finesweep.spec import DatasetSpec, EvalSpec, Hyper, TrialSpec
 
     t = TRIAL[stage]
     hyper = Hyper(r=4, alpha=8, dropout=0.05, target_modules=TARGETS, lr=t["lr"], batch_size=t["batch_size"],
                   epochs=t["epochs"], max_steps=steps, beta=0.1,
-                  gradient_checkpointing="on" if recipe == "users" else "auto")
+                  gradient_checkpointing=checkpointing or ("on" if recipe == "users" else "auto"))
     if stage == "sft":
         dataset = DatasetSpec(path=str(GSM8K), format="gsm8k", split=f"train[:{rows or t['rows']}]")
     else:
         dataset = DatasetSpec(path=str(HH), format="hh-rlhf", split=f"train[:{rows or t['rows']}]",
                               min_answer_chars=10)
     return TrialSpec(sweep="bench", stage=stage, name=f"{stage}-{recipe}", model=model, dataset=dataset,
-                     prompt_format="instruction", max_length=MAX_LENGTH, hyper=hyper,
+                     prompt_format=prompt_format, max_length=MAX_LENGTH, hyper=hyper,
                      eval=EvalSpec(set="none"))
 
 
@@ -178,7 +217,8 @@ def users_hardware(hw):
     return hw
 
 
-def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Path) -> None:
+def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Path,
+              prompt_format: str = "instruction") -> None:
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
@@ -198,9 +238,13 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
     # on an idle core), with wall time recorded next to it.
     clock_fn = time.perf_counter if hw.device == "cuda" else time.process_time
     run_hw = users_hardware(hw) if recipe == "users" else hw
-    warmup, timed = STEPS[device_kind][(stage, recipe)]
+    rung = rung_settings(stage, recipe)
+    if prompt_format == "instruction":
+        warmup, timed = STEPS[device_kind][(stage, recipe)]
+    else:  # real-model mode: the ladder
+        warmup, timed = REAL_STEPS[stage]["users" if recipe == "users" else "rung"]
     child_rows = DPO_CHILD_PAIRS[device_kind] if stage == "dpo" else None
-    spec = make_spec(stage, recipe, model_dir, child_rows, warmup + timed)
+    spec = make_spec(stage, recipe, model_dir, child_rows, warmup + timed, prompt_format, rung["checkpointing"])
     tokenizer = load_tokenizer(model_dir)
     train = load_rows(spec)
     render = render_sft if stage == "sft" else render_dpo
@@ -213,7 +257,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        extra = {"pad_to_multiple_of": MAX_LENGTH} if recipe == "users" else speed.speed_kwargs(spec, hw, "sft")
+        extra = {"pad_to_multiple_of": MAX_LENGTH} if rung["pad_512"] else speed.speed_kwargs(spec, hw, "sft")
         args = SFTConfig(**kwargs, completion_only_loss=True, dataset_num_proc=None, **extra)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                              peft_config=lora_config(spec.hyper))
@@ -234,14 +278,14 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
             return result
 
         DPOTrainer._precompute_ref_logps = timed_precompute
-        if recipe == "finesweep":
+        if not rung["users"]:
             rows = speed.order_rows(rows, "dpo")
-        extra = {"pad_to_multiple_of": MAX_LENGTH} if recipe == "users" else speed.speed_kwargs(spec, hw, "dpo")
-        args = DPOConfig(**kwargs, beta=spec.hyper.beta, precompute_ref_log_probs=recipe == "finesweep", **extra)
+        extra = {"pad_to_multiple_of": MAX_LENGTH} if rung["pad_512"] else speed.speed_kwargs(spec, hw, "dpo")
+        args = DPOConfig(**kwargs, beta=spec.hyper.beta, precompute_ref_log_probs=rung["precompute"], **extra)
         trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                              peft_config=lora_config(spec.hyper))
-    if recipe == "finesweep":
-        speed.prepare_trainer(trainer, spec, hw, stage)
+    if not rung["users"]:
+        speed.prepare_trainer(trainer, spec, hw, stage, rung["levers"])
     setup_seconds = time.perf_counter() - start_setup
     trainer.remove_callback(PrinterCallback)
 
@@ -276,6 +320,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     trainer.train()
     train_peak = peak_memory_gb(hw)
 
@@ -290,7 +335,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
     for b in timed_batches:
         seqs = list(zip(b["real"], b["scored"]))
         flops += step_flops(shape, n_lora, seqs, train=True)
-        if stage == "dpo" and recipe == "users":  # the reference forward, every step (adapter disabled)
+        if stage == "dpo" and not rung["precompute"]:  # the reference forward, every step (adapter disabled)
             flops += step_flops(shape, 0, seqs, train=False)
     peak, peak_source = peak_flops(hw)
 
@@ -306,7 +351,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
         if child_rows is not None:
             full_spec = make_spec(stage, recipe, model_dir, None, 1)
             full_rows = load_rows(full_spec)
-            full = trainer._prepare_dataset(render_dpo(full_rows, tokenizer, "instruction"), tokenizer,
+            full = trainer._prepare_dataset(render_dpo(full_rows, tokenizer, prompt_format), tokenizer,
                                             trainer.args, "bench-full")
         lengths = speed.dpo_lengths(full, MAX_LENGTH)
         triples = list(zip(full["prompt_ids"], full["chosen_ids"], full["rejected_ids"]))
@@ -315,7 +360,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
         scored_per_epoch = sum(min(len(p) + len(c), MAX_LENGTH) + min(len(p) + len(r), MAX_LENGTH) - 2 * len(p)
                                for p, c, r in triples)
         rows_per_len = 2
-    policy = "max_length" if recipe == "users" else "grouped"
+    policy = "max_length" if rung["pad_512"] else "grouped"
     per_epoch = {p: batch_stats(lengths, t["batch_size"], p, rows_per_len=rows_per_len)
                  for p in ("max_length", "longest", "grouped")}
     trial_stats = [batch_stats(lengths, t["batch_size"], policy, seed=e, rows_per_len=rows_per_len)
@@ -337,9 +382,12 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
         "device": hw.name, "device_kind": hw.device,
         "precision": run_hw.precision, "attention": run_hw.attn_implementation,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "batch_size": t["batch_size"], "padding": "to 512" if recipe == "users" else "longest in batch, grouped",
-        "reference_log_probs": None if stage == "sft" else ("every step" if recipe == "users" else "precomputed"),
+        "batch_size": t["batch_size"], "padding": "to 512" if rung["pad_512"] else "longest in batch, grouped",
+        "reference_log_probs": None if stage == "sft" else ("precomputed" if rung["precompute"] else "every step"),
         "speed": speed.describe(spec, hw, stage) if recipe == "finesweep" else None,
+        "levers": getattr(trainer, "finesweep_levers", None), "rung": RUNG_LABELS.get(recipe),
+        "lm_head": getattr(trainer.model.get_base_model(), "finesweep_lm_head", {"kind": "trl", "metrics": True}),
+        "prompt_format": prompt_format,
         "lora_trainable_params": n_lora, "model_shape": shape,
         "warmup_steps": warmup, "timed_steps": len(timed_batches), "timed_seconds": round(seconds, 3),
         "clock": "wall" if hw.device == "cuda" else f"process CPU time, {CPU_THREADS} thread(s)",
@@ -370,6 +418,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
                                           for p, v in per_epoch.items()}},
         "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
         "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "max_rss_before_train_gb": round(rss_before_train, 3),
         "load_average": os.getloadavg(),
     }
     out.write_text(json.dumps(result, indent=2))
@@ -382,18 +431,33 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_all(size: str, out_dir: Path, only: list[str] | None = None) -> list[dict]:
+REAL_MODEL = ROOT / "build" / "smollm2-135m-instruct"
+
+
+def run_all(size: str, out_dir: Path, only: list[str] | None = None, model: str = "tiny", repeats: int = 1,
+            configs: list[str] | None = None) -> list[dict]:
+    """Train every configuration in its own process, `repeats` rounds (each round runs every configuration once,
+    so a change in the machine's load hits all of them alike). model "tiny": the TinyLlama-architecture model
+    (bench/model.py), users vs finesweep; "real": SmolLM2-135M-Instruct (make real-model) with its own tokenizer
+    and chat template, the whole lever ladder (LADDER)."""
     from .model import build_model
 
     kind = device_kind()
-    if size == "auto":
-        size = "full" if kind == "cuda" else "cpu"
-    model_dir = build_model(size)
+    if model == "real":
+        if not (REAL_MODEL / "config.json").is_file():
+            raise SystemExit(f"bench: {REAL_MODEL} is absent; run `make real-model` first")
+        model_dir, size, prompt_format = REAL_MODEL, "smollm2-135m-instruct", "chat"
+        plan = [(stage, name) for stage in ("sft", "dpo") for name in LADDER[stage]]
+    else:
+        if size == "auto":
+            size = "full" if kind == "cuda" else "cpu"
+        model_dir, prompt_format = build_model(size), "instruction"
+        plan = [(stage, name) for stage in ("sft", "dpo") for name in ("users", "finesweep")]
+    plan = [(st, n) for st, n in plan if (not only or f"{st}-{n}" in only) and (not configs or n in configs)]
     results = []
-    for stage in ("sft", "dpo"):
-        for recipe in ("users", "finesweep"):
-            if only and f"{stage}-{recipe}" not in only:
-                continue
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for repeat in range(repeats):
+        for stage, recipe in plan:
             with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
                 out = Path(tmp) / "result.json"
                 env = dict(os.environ, HF_DATASETS_CACHE=str(Path(tmp) / "hf-datasets"), TQDM_DISABLE="1",
@@ -402,8 +466,9 @@ def run_all(size: str, out_dir: Path, only: list[str] | None = None) -> list[dic
                            CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
                            HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
                 cmd = [sys.executable, "-m", "bench.bench_train", "--child", stage, recipe, "--model", str(model_dir),
-                       "--kind", kind, "--result", str(out)]
-                print(f"bench: {stage} {recipe} ...", flush=True)
+                       "--kind", kind, "--result", str(out), "--prompt-format", prompt_format]
+                rounds = f"round {repeat + 1}/{repeats}, " if repeats > 1 else ""
+                print(f"bench: {stage} {recipe} ({rounds}load {os.getloadavg()[0]:.1f}) ...", flush=True)
                 start = time.time()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -411,14 +476,35 @@ def run_all(size: str, out_dir: Path, only: list[str] | None = None) -> list[dic
                     raise SystemExit(f"bench: {stage} {recipe} failed (exit {proc.returncode})")
                 result = json.loads(out.read_text())
                 result["model_size"] = size
+                result["repeat"] = repeat
                 result["wall_seconds"] = round(time.time() - start, 1)
                 results.append(result)
                 print(f"bench: {stage} {recipe}: {result['useful_tokens_per_s']:.0f} useful tok/s, "
                       f"{result['padding_share']:.0%} padding, peak {result['peak_memory_gb']:.2f} GB, trial "
                       f"~{result['trial']['seconds_extrapolated'] / 3600:.2f} h ({result['wall_seconds']:.0f}s)",
                       flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                # Partial results survive an interrupted run.
+                (out_dir / "train.json").write_text(json.dumps(results, indent=2))
     (out_dir / "train.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run_real(out_dir: Path, repeats: int, ladder_repeats: int) -> list[dict]:
+    """Real-model mode: users and finesweep `repeats` rounds, the rungs between them `ladder_repeats` rounds,
+    in rounds that each run every configuration once (so the machine's load hits all alike); one train.json."""
+    rungs = sorted({n for names in LADDER.values() for n in names} - {"users", "finesweep"})
+    results: list[dict] = []
+    for round_ in range(max(repeats, ladder_repeats)):
+        names = (["users", "finesweep"] if round_ < repeats else []) + (rungs if round_ < ladder_repeats else [])
+        part = run_all("auto", out_dir / "partial", model="real", configs=names)
+        for r in part:
+            r["repeat"] = round_
+        results += part
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train.json").write_text(json.dumps(results, indent=2))
+    import shutil
+
+    shutil.rmtree(out_dir / "partial", ignore_errors=True)
     return results
 
 
@@ -427,17 +513,20 @@ def main() -> None:
     parser.add_argument("--size", choices=["auto", "full", "cpu"], default="auto")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--only", nargs="*", help="e.g. sft-users dpo-finesweep")
+    parser.add_argument("--model-name", choices=["tiny", "real"], default="tiny", dest="model_name")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--prompt-format", default="instruction", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "RECIPE"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(args.child[0], args.child[1], args.model, args.kind, args.result)
+        run_child(args.child[0], args.child[1], args.model, args.kind, args.result, args.prompt_format)
         return
     from .report import default_out_dir
 
-    run_all(args.size, args.out or default_out_dir(), args.only)
+    run_all(args.size, args.out or default_out_dir(args.model_name), args.only, args.model_name, args.repeats)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def device_tag() -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def default_out_dir() -> Path:
-    return BENCH_DIR / device_tag()
+def default_out_dir(model: str = "tiny") -> Path:
+    """docs/benchmarks/<device>/ (TinyLlama architecture) or docs/benchmarks/<device>-smollm2/ (--model real)."""
+    return BENCH_DIR / (device_tag() + ("-smollm2" if model == "real" else ""))
 
 
 def cpu_model() -> str:
@@ -290,4 +291,205 @@ def write(out_dir: Path, train: list[dict], evaluation: dict | None, command: st
     size = train[0]["model_size"] if train else (evaluation or {}).get("model_size", "")
     plot(train, evaluation, out_dir / "plot.png", f"finesweep vs the users' recipe - {dev}, "
          f"{'TinyLlama-1.1B architecture' if size == 'full' else 'scaled-down model'}, {info['date_utc']} UTC")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ real model
+REAL_GOALS = {"sft": 4.0, "dpo": 3.0}
+
+
+def _median(values):
+    import statistics
+
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def real_summary(train: list[dict]) -> dict:
+    """Per (stage, configuration): medians over the repeats; per stage: the goals (finesweep vs users) and each
+    lever's share (each rung vs the one before it)."""
+    from .bench_train import LADDER, RUNG_LABELS
+
+    configs = {}
+    for stage, names in LADDER.items():
+        for name in names:
+            runs = [r for r in train if r["stage"] == stage and r["recipe"] == name]
+            if not runs:
+                continue
+            trial_useful = [r["trial"]["useful_tokens"] / r["trial"]["seconds_extrapolated"] for r in runs]
+            configs[(stage, name)] = {
+                "stage": stage, "config": name, "label": RUNG_LABELS[name], "repeats": len(runs),
+                "useful_tokens_per_s": _median([r["useful_tokens_per_s"] for r in runs]),
+                "useful_tokens_per_s_runs": [r["useful_tokens_per_s"] for r in runs],
+                "trial_useful_tokens_per_s": round(_median(trial_useful), 1),
+                "padded_tokens_per_s": _median([r["padded_tokens_per_s"] for r in runs]),
+                "seconds_per_step": _median([r["seconds_per_step"] for r in runs]),
+                "padding_share": _median([r["padding_share"] for r in runs]),
+                "peak_memory_gb": _median([r["peak_memory_gb"] for r in runs]),
+                "peak_memory_gb_runs": [r["peak_memory_gb"] for r in runs],
+                "peak_before_train_gb": _median([r.get("max_rss_before_train_gb") for r in runs]),
+                "trial_hours": round(_median([r["trial"]["seconds_extrapolated"] for r in runs]) / 3600, 2),
+                "precompute_trial_minutes": round(_median([r["precompute"]["trial_seconds_extrapolated"]
+                                                           for r in runs]) / 60, 1),
+                "gradient_checkpointing": runs[0]["gradient_checkpointing"],
+                "reference_log_probs": runs[0]["reference_log_probs"], "lm_head": runs[0].get("lm_head"),
+                "levers": runs[0].get("levers"), "mfu": _median([r["mfu"] for r in runs]),
+                "load_average": [r["load_average"][0] for r in runs],
+                "wall_vs_cpu": _median([r["timed_wall_seconds"] / r["timed_seconds"] for r in runs]),
+            }
+    goals, shares = {}, {}
+    for stage, names in LADDER.items():
+        u, f = configs.get((stage, "users")), configs.get((stage, "finesweep"))
+        if u and f:
+            speed = f["useful_tokens_per_s"] / u["useful_tokens_per_s"]
+            trial = f["trial_useful_tokens_per_s"] / u["trial_useful_tokens_per_s"]
+            # Paired by round: both ran in the same round, minutes apart, so a change of the machine's speed between
+            # rounds cancels out of their ratio.
+            paired, paired_trial = [], []
+            for rep in sorted({r["repeat"] for r in train}):
+                a = [r for r in train if r["stage"] == stage and r["recipe"] == "users" and r["repeat"] == rep]
+                b = [r for r in train if r["stage"] == stage and r["recipe"] == "finesweep" and r["repeat"] == rep]
+                if a and b:
+                    paired.append(round(b[0]["useful_tokens_per_s"] / a[0]["useful_tokens_per_s"], 2))
+                    paired_trial.append(round(a[0]["trial"]["seconds_extrapolated"]
+                                              / b[0]["trial"]["seconds_extrapolated"], 2))
+            goals[stage] = {"goal": REAL_GOALS[stage], "speedup_timed_steps": round(speed, 2),
+                            "speedup_by_round": paired, "speedup_whole_trial_by_round": paired_trial,
+                            "speedup_whole_trial": round(trial, 2),
+                            "speed_met": speed >= REAL_GOALS[stage] and trial >= REAL_GOALS[stage],
+                            "users_peak_gb": u["peak_memory_gb"], "finesweep_peak_gb": f["peak_memory_gb"],
+                            "memory_met": f["peak_memory_gb"] <= u["peak_memory_gb"]}
+        # Lever shares within one round (the first, where every rung ran): the machine's per-core speed drifted
+        # between rounds (users' SFT 35-53 tok/s), so rungs are compared only with rungs measured minutes apart.
+        import math
+
+        first = {r["recipe"]: r for r in train if r["stage"] == stage and r["repeat"] == 0}
+        present = [n for n in names if n in first]
+        rows = []
+        total = None
+        if "users" in first and "finesweep" in first:
+            total = math.log(first["finesweep"]["useful_tokens_per_s"] / first["users"]["useful_tokens_per_s"])
+
+        def trial_rate(r):
+            return r["trial"]["useful_tokens"] / r["trial"]["seconds_extrapolated"]
+
+        for prev, cur in zip(present, present[1:]):
+            a, b = first[prev], first[cur]
+            ratio = b["useful_tokens_per_s"] / a["useful_tokens_per_s"]
+            rows.append({"lever": cur, "label": RUNG_LABELS[cur], "round": 1,
+                         "useful_tokens_per_s": [a["useful_tokens_per_s"], b["useful_tokens_per_s"]],
+                         "speedup": round(ratio, 3), "trial_speedup": round(trial_rate(b) / trial_rate(a), 3),
+                         "share_of_log_speedup": round(math.log(ratio) / total, 3) if total else None,
+                         "peak_memory_gb": [a["peak_memory_gb"], b["peak_memory_gb"]],
+                         "peak_memory_change_gb": round(b["peak_memory_gb"] - a["peak_memory_gb"], 2)})
+        shares[stage] = rows
+    return {"configs": list(configs.values()), "goals": goals, "levers": shares}
+
+
+def real_markdown(train: list[dict], summary: dict, info: dict) -> str:
+    from .bench_train import REAL_MODEL
+
+    r0 = train[0]
+    loads = [r["load_average"][0] for r in train]
+    lines = [f"Model: SmolLM2-135M-Instruct (`{REAL_MODEL.relative_to(ROOT)}`: 30 layers, hidden 576, vocabulary "
+             f"49,152, tied embeddings), its own tokenizer and ChatML template (`prompt_format: chat`, rows rendered "
+             f"by `trainer.data`). Device: CPU {info['cpu']} ({info['cpu_count']} cores, shared), "
+             f"{r0['precision']}, {r0['attention']}; clock: {r0['clock']}. {info['date_utc']} UTC, commit "
+             f"{info['git_commit']}. Load average (1 min) at each child's end: {min(loads):.1f}-{max(loads):.1f}; "
+             f"at the start: {info['load_average'][0]:.1f}.", "",
+             "Rows: GSM8K `train[:5000]` (SFT, batch 2), HH-RLHF harmless-base first 2,000 pairs (DPO, batch 4 "
+             "pairs; 32 in the child, the trial's lengths from all), max_length 512, LoRA r=4 alpha 8 on "
+             "q,v,gate,down (report 2's recipe). Each configuration in its own process; values are medians over "
+             "the repeats.", "",
+             "| stage | configuration | repeats | grad. ckpt | padding (timed) | useful tok/s (timed steps) | "
+             "useful tok/s (whole trial, extrapolated) | s/step | peak RSS (GB) | trial (extrapolated) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in summary["configs"]:
+        runs = ", ".join(f"{v:.0f}" for v in c["useful_tokens_per_s_runs"])
+        lines.append(f"| {c['stage']} | {c['config']} | {c['repeats']} | "
+                     f"{'on' if c['gradient_checkpointing'] else 'off'} | {100 * c['padding_share']:.0f}% | "
+                     f"**{c['useful_tokens_per_s']:.1f}** ({runs}) | {c['trial_useful_tokens_per_s']:.1f} | "
+                     f"{c['seconds_per_step']:.2f} | {c['peak_memory_gb']:.2f} | {c['trial_hours']:.2f} h"
+                     + (f" (incl. {c['precompute_trial_minutes']:.0f} min reference)" if c["precompute_trial_minutes"]
+                        else "") + " |")
+    lines += ["", "Goals (finesweep vs users, same run):", "",
+              "| stage | goal | useful tok/s, timed steps (ratio of medians; per round) | useful tok/s, whole trial "
+              "(ratio of medians; per round) | speed goal | peak RSS users / finesweep (medians) | memory goal |",
+              "|---|---|---|---|---|---|---|"]
+    for stage, g in summary["goals"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in g.get("speedup_by_round", []))
+        rounds_trial = ", ".join(f"{x:.2f}" for x in g.get("speedup_whole_trial_by_round", []))
+        lines.append(f"| {stage.upper()} | {g['goal']:.0f}x | {g['speedup_timed_steps']:.2f}x ({rounds}) | "
+                     f"{g['speedup_whole_trial']:.2f}x ({rounds_trial}) | {'met' if g['speed_met'] else 'NOT met'} | "
+                     f"{g['users_peak_gb']:.2f} / {g['finesweep_peak_gb']:.2f} GB | "
+                     f"{'met' if g['memory_met'] else 'NOT met'} |")
+    lines += ["", "Each lever's share, within round 1 (every configuration ran in it, minutes apart; one lever on top "
+              "of the previous; speed-up of useful tok/s in the timed steps and over the whole trial; share = "
+              "log(speed-up) / log(round 1's total speed-up)):", "",
+              "| stage | lever | useful tok/s before -> after | speed-up (timed) | speed-up (trial) | share | peak RSS "
+              "before -> after |", "|---|---|---|---|---|---|---|"]
+    for stage, rows in summary["levers"].items():
+        for row in rows:
+            share = f"{100 * row['share_of_log_speedup']:.0f}%" if row["share_of_log_speedup"] is not None else "-"
+            before, after = row["useful_tokens_per_s"]
+            m0, m1 = row["peak_memory_gb"]
+            lines.append(f"| {stage.upper()} | {row['label']} | {before:.1f} -> {after:.1f} | {row['speedup']:.2f}x | "
+                         f"{row['trial_speedup']:.2f}x | {share} | {m0:.2f} -> {m1:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def real_plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for col, stage in enumerate(("sft", "dpo")):
+        cs = [c for c in summary["configs"] if c["stage"] == stage]
+        if not cs:
+            continue
+        names = [c["config"] for c in cs]
+        colors = ["#b0b0b0"] + ["#8fb9dd"] * (len(cs) - 2) + ["#2a7ab9"]
+        ax = axes[0, col]
+        b = ax.bar(range(len(cs)), [c["useful_tokens_per_s"] for c in cs], color=colors[:len(cs)])
+        ax.bar_label(b, labels=[f"{c['useful_tokens_per_s']:.0f}" for c in cs], fontsize=8)
+        goal = summary["goals"].get(stage)
+        if goal:
+            ax.axhline(cs[0]["useful_tokens_per_s"] * goal["goal"], color="#c0392b", ls="--", lw=1,
+                       label=f"goal {goal['goal']:.0f}x users")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(cs)), names, fontsize=8, rotation=20)
+        ax.set_ylabel("useful (non-padding) tokens/s, median")
+        ax.set_title(f"{stage.upper()}: each lever on top of the previous\n(users, finesweep: median of "
+                     f"{cs[0]['repeats']} rounds; between them: round 1)", fontsize=9)
+        ax = axes[1, col]
+        b = ax.bar(range(len(cs)), [c["peak_memory_gb"] for c in cs], color=colors[:len(cs)])
+        ax.bar_label(b, labels=[f"{c['peak_memory_gb']:.2f}" for c in cs], fontsize=8)
+        ax.axhline(cs[0]["peak_memory_gb"], color="#c0392b", ls="--", lw=1, label="users' peak")
+        ax.legend(fontsize=8)
+        ax.set_xticks(range(len(cs)), names, fontsize=8, rotation=20)
+        ax.set_ylabel("peak RSS (GB), median")
+        ax.set_title(f"{stage.upper()}: peak memory")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_real(out_dir: Path, train: list[dict], command: str, info: dict | None = None) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = info or meta(command)
+    info["model"] = "SmolLM2-135M-Instruct (build/smollm2-135m-instruct)"
+    info["device"] = f"CPU {info['cpu']}, {info['cpu_count']} cores shared, 1 torch thread per child"
+    (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
+    summary = real_summary(train)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = real_markdown(train, summary, info)
+    header = (f"# Benchmark results: {out_dir.name} (real model)\n\nCommand: `{info['command']}`. Versions: "
+              + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n\n")
+    (out_dir / "results.md").write_text(header + text + "\n![plot](plot.png)\n")
+    real_plot(summary, out_dir / "plot.png", f"SmolLM2-135M-Instruct on CPU ({info['cpu_count']} shared cores, 1 "
+              f"thread, CPU-time clock): finesweep vs the users' recipe - {info['date_utc']} UTC, commit "
+              f"{info['git_commit']}")
     return text

@@ -1,4 +1,5 @@
 """Sweep report from the artifact store (no torch): leaderboard with intervals, the selection and its test,
+the cost in GPU/CPU-hours per trial and sweep with what shared reference log-probs saved (evaluator/cost.py),
 warnings, plots, side-by-side answers.
 
 Writes <sweep>/report/{report.md, leaderboard.json, metrics.png, loss.png} into the store. Intervals and
@@ -17,6 +18,7 @@ from finesweep import selection, stats
 from finesweep.spec import SELECTABLE_METRICS, TrialSpec
 from finesweep.store import ArtifactStore, StoreError, read_status, trial_prefix
 
+from .cost import cost_md, format_hours, sweep_cost, trial_cost
 from .metrics import identical_groups
 
 log = logging.getLogger("finesweep")
@@ -414,6 +416,8 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     trials = [r for r in rows if r["stage"] != "base"]
     counts = {s: sum(r["state"] == s for r in trials) for s in ("done", "trained", "pending", "failed", "pruned")}
     first = next((r for r in rows if "eval" in r), None)
+    costs = {r["name"]: trial_cost(r) for r in rows}
+    cost = sweep_cost(costs)
     prefix = f"{sweep.name}/report"
     md = [f"# Sweep `{sweep.name}` ({sweep.stage})", ""]
     md.append(f"Model `{sweep.model}`; data `{sweep.dataset.path}` ({sweep.dataset.format}, split "
@@ -423,6 +427,8 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
                                                            specs[-1].start else "."))
     md.append(f"Trials: {counts['done']} done, {counts['failed']} failed, " + (f"{counts['pruned']} pruned, " if
               counts["pruned"] else "") + f"{counts['trained'] + counts['pending']} not finished, of {len(trials)}.")
+    saved = f", {format_hours(cost['saved'])} saved by shared reference log-probs" if cost["saved"] else ""
+    md.append(f"Cost: {format_hours(cost['total'], '0 device-hours')}{saved} (see Cost).")
     if record["trial_id"]:
         md.append(f"Best by `{record['metric']}` ({record['mode']}): **{record['name']}** (`{record['trial_id']}`) = "
                   f"{_fmt(record['value'], record['ci'])} on the {record['value_part']}; tied set: "
@@ -466,6 +472,7 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
         md.append("")
     md += selection_md(record)
     md += health_md(rows)
+    md += cost_md(rows, costs, cost)
     if warnings:
         md += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for name, data in (("metrics.png", plot_metrics(rows, [sweep.select.metric, "bleu", "chrf"], figures)),
@@ -483,11 +490,11 @@ def build_report(store: ArtifactStore, sweep, specs: list[TrialSpec]) -> str:
     verdicts = {t["name"]: t["verdict"] for t in record["trials"]}
     verdicts.update({t["name"]: "ineligible: " + t["reason"] for t in record["ineligible"]})
     board = [{**{k: v for k, v in r.items() if k in ("name", "trial_id", "stage", "state", "summary", "failure")},
-              "figures": figures.get(r["name"], {}), "verdict": verdicts.get(r["name"]),
+              "figures": figures.get(r["name"], {}), "verdict": verdicts.get(r["name"]), "cost": costs[r["name"]],
               **({"eval_errors": eval_errors(r), "failed_metrics": failed_metrics(r, rows)} if eval_errors(r) else {})}
              for r in rows]
     store.write_json(f"{prefix}/leaderboard.json", {"sweep": sweep.name, "best": best, "selection": record,
-                                                    "interval_widths": widths, "rows": board,
+                                                    "interval_widths": widths, "rows": board, "cost": cost,
                                                     "warnings": warnings})
     log_report(store, sweep, specs, prefix)  # to each trial's MLflow run, when tracking is configured
     log.info("report: %s/%s/report.md (%d rows, %d warnings)", store.url, prefix, len(rows), len(warnings))

@@ -13,6 +13,8 @@ Layout (keys are '/'-separated, relative to the store root):
     <sweep>/<trial-id>/monitor.json, progress.json    search: evaluation during training and its pruning decision
     <sweep>/search/trials/<number>.json     search: the study's record of each trial (finesweep.search)
     <sweep>/report/...                      report.md, leaderboard.json, plots
+    _shared/reference-logps/<key>.json      DPO reference log-probs of one set of training pairs, shared by every
+                                            trial with the same start weights, pairs and settings (see below)
 
 A marker is written only after every file it lists, so a trial interrupted half way never counts as done.
 A trial's state is read only through `read_status` and its attempts and failures written only through
@@ -538,3 +540,90 @@ def read_progress(store: ArtifactStore, sweep: str, trial_id: str) -> dict | Non
 
 def write_progress(store: ArtifactStore, sweep: str, trial_id: str, progress: dict) -> None:
     store.write_json(f"{trial_prefix(sweep, trial_id)}/{PROGRESS}", progress)
+
+
+# ------------------------------------------------------------------ sweep level: work every trial would repeat
+# _shared/reference-logps/<key>.json: the per-row reference log-probs of a DPO trial's training pairs (the start
+#   model's log p(chosen), log p(rejected)). Every trial with the same start weights, pairs, tokenization and
+#   settings computes the same numbers, so the first writes them and the others read them (trainer.reference_logps).
+#   <key> is the sha256 of the fields that determine the numbers (the file repeats them); the file is one header
+#   line (JSON: format, key, fields, rows, sha256 of the rest, who wrote it and how long it took), a newline, and
+#   the body (JSON: the two lists of floats). It is written in one write_bytes (a rename on a folder, one PUT on
+#   S3), so a reader sees all of it or none; a file whose header, key, fields, row count or checksum does not match
+#   is refused (SharedFileError) and the caller recomputes it.
+SHARED = "_shared"
+REFERENCE_LOGPS_FORMAT = "finesweep-reference-logps/1"
+
+
+class SharedFileError(StoreError):
+    """A shared file that is there but cannot be used: corrupt, cut short, or made for other inputs."""
+
+
+def shared_key(fields: dict) -> str:
+    """The sha256 of `fields` (JSON, sorted keys): the name of a shared file made from them."""
+    return checksum(json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """The one shared file of reference log-probs for `fields` (what determines the numbers). Only this handle
+    builds its store path."""
+
+    store: ArtifactStore
+    fields: dict
+
+    @property
+    def key(self) -> str:
+        return shared_key(self.fields)
+
+    @property
+    def path(self) -> str:
+        return f"{SHARED}/reference-logps/{self.key}.json"
+
+    def exists(self) -> bool:
+        return self.store.exists(self.path)
+
+    def write(self, chosen: list[float], rejected: list[float], **info: Any) -> str:
+        """Write the file (replacing any there); returns the body's sha256. `info`: who wrote it, the seconds
+        the computation took, ... (kept in the header, not part of the key)."""
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected log-probs")
+        body = json.dumps({"ref_chosen_logps": [float(v) for v in chosen],
+                           "ref_rejected_logps": [float(v) for v in rejected]}).encode()
+        digest = checksum(body)
+        header = {**info, "format": REFERENCE_LOGPS_FORMAT, "key": self.key, "fields": self.fields,
+                  "rows": len(chosen), "sha256": digest, "written_at": time.time()}
+        self.store.write_bytes(self.path, json.dumps(header, sort_keys=True).encode() + b"\n" + body)
+        return digest
+
+    def read(self, rows: int) -> dict:
+        """The file's header with `ref_chosen_logps` / `ref_rejected_logps` added, after checking format, key,
+        fields, row count (`rows` expected) and checksum. Raises SharedFileError when it is there but unusable,
+        StoreError when it is not there."""
+        data = self.store.read_bytes(self.path)
+        where = f"{self.store.url}/{self.path}"
+        head, sep, body = data.partition(b"\n")
+        try:
+            header = json.loads(head) if sep else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != REFERENCE_LOGPS_FORMAT:
+            raise SharedFileError(f"{where}: no {REFERENCE_LOGPS_FORMAT} header (corrupt or not such a file)")
+        if header.get("key") != self.key or header.get("fields") != json.loads(json.dumps(self.fields, default=str)):
+            raise SharedFileError(f"{where}: made for other inputs (its key or fields differ from this trial's)")
+        if checksum(body) != header.get("sha256"):
+            raise SharedFileError(f"{where}: checksum mismatch (corrupt or partial write)")
+        try:
+            values = json.loads(body)
+            chosen, rejected = values["ref_chosen_logps"], values["ref_rejected_logps"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SharedFileError(f"{where}: unreadable body ({type(err).__name__})") from None
+        if not (len(chosen) == len(rejected) == header.get("rows") == rows):
+            raise SharedFileError(f"{where}: {len(chosen)}/{len(rejected)} rows (header says {header.get('rows')}), "
+                                  f"this trial has {rows}")
+        return {**header, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def reference_logps(store: ArtifactStore, fields: dict) -> ReferenceLogps:
+    """The shared reference log-probs file for `fields` (trainer.reference_logps says which fields)."""
+    return ReferenceLogps(store, dict(fields))
