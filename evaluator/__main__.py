@@ -18,11 +18,11 @@ log = logging.getLogger("finesweep")
 
 def evaluate(spec, store, force: bool) -> int:
     from finesweep import exitcodes
-    from finesweep.store import TrialState, read_status
+    from finesweep.store import TrialState, status_of
 
     from .evaluate import evaluate_trial
 
-    status = read_status(store, spec.sweep, spec.trial_id)
+    status = status_of(store, spec)
     if status.state is TrialState.PRUNED and not force:
         # A search stopped it early: it is not a candidate for best, and a _DONE marker would make it one.
         log.info("[%s/%s %s] was pruned by the search; not evaluated", spec.sweep, spec.name, spec.trial_id)

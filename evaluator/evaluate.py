@@ -287,6 +287,7 @@ def _finish(run: _Evaluation, store: ArtifactStore, hw, started: float) -> dict:
     from trainer.runtime import peak_memory_gb
 
     result = run.result
+    result["evaluation"] = evaluation_record(run.spec)
     result["per_row"] = run.per_row
     result["summary"] = summarize(result, run.spec.eval.set)
     result["wall_time_s"] = round(time.time() - started, 2)
@@ -304,12 +305,19 @@ def _finish(run: _Evaluation, store: ArtifactStore, hw, started: float) -> dict:
 def _write_incomplete(run: _Evaluation, store: ArtifactStore) -> None:
     """eval.json with the figures so far and the errors, without _DONE: the trial is not finished (its failure is
     recorded by whoever ran it) and a retry overwrites the file."""
-    result = {**run.result, "per_row": run.per_row, "errors": run.errors, "incomplete": True}
+    result = {**run.result, "evaluation": evaluation_record(run.spec), "per_row": run.per_row, "errors": run.errors,
+              "incomplete": True}
     try:
         store.write_bytes(f"{trial_prefix(run.spec.sweep, run.spec.trial_id)}/eval.json",
                           json.dumps(result, indent=2, default=str).encode())
     except Exception as err:  # noqa: BLE001 - the store may be what failed; the original error is what matters
         log.warning("%s: could not write the incomplete eval.json (%s: %s)", run.label, type(err).__name__, err)
+
+
+def evaluation_record(spec: TrialSpec) -> dict:
+    """Which evaluation eval.json holds: the settings' id (TrialSpec.evaluation_id, also in _DONE) and the
+    settings themselves. The trial id leaves them out, so a new evaluation of the same training replaces it."""
+    return {"id": spec.evaluation_id, "settings": to_dict(spec.eval)}
 
 
 def summarize(result: dict, primary_set: str) -> dict:
@@ -367,7 +375,8 @@ def _write(store: ArtifactStore, spec: TrialSpec, result: dict, samples: list[di
                        ("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())):
         store.write_bytes(f"{prefix}/{name}", data)
         files[f"{prefix}/{name}"] = checksum(data)
-    store.write_marker(f"{prefix}/{DONE}", files)
+    # The evaluation it holds: a submit with other eval settings evaluates the trial again (store.read_status).
+    store.write_marker(f"{prefix}/{DONE}", files, evaluation=spec.evaluation_id)
     # The attempt that produced _DONE ends here, whoever runs it (a local subprocess, a cluster pod), so the
     # store's attempt record says done without the backend having to notice.
     end_attempt(store, spec.sweep, spec.trial_id, "done")

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from finesweep import selection, stats
 from finesweep.spec import SELECTABLE_METRICS, TrialSpec
-from finesweep.store import ArtifactStore, StoreError, read_status, trial_prefix
+from finesweep.store import ArtifactStore, StoreError, status_of, trial_prefix
 
 from .cost import cost_md, format_hours, sweep_cost, trial_cost
 from .metrics import identical_groups
@@ -51,7 +51,7 @@ def collect_rows(store: ArtifactStore, specs: list[TrialSpec]) -> list[dict]:
     rows = []
     for spec in specs:
         prefix = trial_prefix(spec.sweep, spec.trial_id)
-        status = read_status(store, spec.sweep, spec.trial_id)  # the store's one reading of a trial's state
+        status = status_of(store, spec)  # the store's one reading of a trial's state
         row = {"name": spec.name, "trial_id": spec.trial_id, "stage": spec.stage, "state": status.state.value,
                "attempts": status.attempt, "hyper": spec.hyper if spec.trains else None}
         if status.failure is not None:

@@ -59,7 +59,7 @@ from typing import Any
 
 from .spec import (INTERMEDIATE_METRICS, Guardrail, Hyper, Param, PruneSpec, SelectSpec, StartRef, Sweep, SweepError,
                    TrialSpec, tie_value, to_dict, trial_from_dict)
-from .store import (ArtifactStore, SETTLED, StoreError, TrialState, read_monitor, read_progress, read_status,
+from .store import (ArtifactStore, SETTLED, StoreError, TrialState, read_monitor, read_progress, status_of,
                     trial_prefix, write_monitor)
 
 log = logging.getLogger("finesweep")
@@ -222,7 +222,7 @@ class StoredStudy:
     def _refs(self) -> dict:
         refs = {}
         for spec in self.references:
-            if read_status(self.store, spec.sweep, spec.trial_id).done:
+            if status_of(self.store, spec).done:
                 refs[spec.name] = {"name": spec.name, "stage": "base", "state": "done",
                                    "eval": self.store.read_json(f"{trial_prefix(spec.sweep, spec.trial_id)}/eval.json")}
         return refs
@@ -244,7 +244,7 @@ class StoredStudy:
                 state, value, objective, infeasible = src.state, src.value, src.objective, src.infeasible
                 intermediate, pruned_at = src.intermediate, src.pruned_at
             else:
-                status = read_status(self.store, spec.sweep, spec.trial_id)
+                status = status_of(self.store, spec)
                 pruned_at = (rec.get("decision") or {}).get("pruned_at")
                 value = None
                 if pruned_at is not None or status.state is TrialState.PRUNED:
@@ -523,7 +523,7 @@ class Search(StoredStudy):
                       r["spec"] and self.spec_of(r).trial_id == spec.trial_id), None)
         rec = {"number": number, "origin": origin, "spec": to_dict(spec), "params": params,
                "system_attrs": system_attrs, "intermediate": {}, "decision": None, "alias_of": alias}
-        status = read_status(self.store, spec.sweep, spec.trial_id)
+        status = status_of(self.store, spec)
         if alias is None and self.prune is not None:
             if status.trained or status.settled:
                 # Trained before this study asked for it: no trainer will report its points, so the record
@@ -555,7 +555,7 @@ class Search(StoredStudy):
         for rec in self.records():
             if rec.get("alias_of") is None:
                 spec = self.spec_of(rec)
-                if not read_status(self.store, spec.sweep, spec.trial_id).state in SETTLED:
+                if not status_of(self.store, spec).state in SETTLED:
                     out.append(spec)
         return out
 

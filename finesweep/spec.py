@@ -23,7 +23,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 # 2: TinyLlama's real chat template (prompts end '<|assistant|>\n'), BOS-faithful scoring, DPO dropout honoured.
-SPEC_VERSION = 2
+# 3: the trial id leaves out the evaluation settings (but eval.heldout_rows): TrialSpec.trial_id.
+SPEC_VERSION = 3
 STAGES = ("sft", "dpo")
 PROMPT_FORMATS = ("chat", "instruction")
 DATASET_FORMATS = (
@@ -313,13 +314,25 @@ class TrialSpec:
 
     @property
     def trial_id(self) -> str:
+        """What the trained weights depend on: model, data, prompt format, max length, hyperparameters, start
+        point. Not the evaluation: changing `eval` re-evaluates a trial (evaluation_id), it never retrains it. The
+        one evaluation setting kept is `eval.heldout_rows`: a search trial is evaluated on those rows while it
+        trains and pruned by the result, so they decide where its training stops."""
         body = to_dict(self)
         body.pop("name")
+        body["eval"] = {"heldout_rows": self.eval.heldout_rows}
         body["spec_version"] = SPEC_VERSION
         if self.stage == "base":
             body.pop("hyper")  # nothing is trained, so hyperparameters do not change the result
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return f"{self.stage}-{digest[:10]}"
+
+    @property
+    def evaluation_id(self) -> str:
+        """The evaluation settings a trial's eval.json and _DONE were made with: a finished trial whose
+        evaluation_id differs from its sweep's is evaluated again (store.read_status, NextAction.EVALUATE)."""
+        body = {"eval": to_dict(self.eval), "spec_version": SPEC_VERSION}
+        return "eval-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def trains(self) -> bool:

@@ -326,6 +326,9 @@ class TrialStatus:
     done: bool
     failure: Failure | None  # why the current attempt failed (state FAILED)
     attempts: tuple[Attempt, ...] = field(default=())
+    # _DONE is there but was written for other evaluation settings than the ones asked about (read_status's
+    # `evaluation`): the trial is trained, not done, and a submit evaluates it again (NextAction.EVALUATE).
+    evaluation_stale: bool = False
 
     @property
     def attempt(self) -> int:
@@ -343,14 +346,21 @@ class TrialStatus:
         return self.state in SETTLED
 
 
-def read_status(store: ArtifactStore, sweep: str, trial_id: str) -> TrialStatus:
+def read_status(store: ArtifactStore, sweep: str, trial_id: str, evaluation: str | None = None) -> TrialStatus:
     """The one reading of a trial's state. _DONE wins; a _FAILED record counts only for the attempt it was
     written for, so a trial re-created after a failure is running, not failed (it is not finished, and a
-    pipeline waiting on its sweep must not pick the best trial yet)."""
+    pipeline waiting on its sweep must not pick the best trial yet). With `evaluation` (TrialSpec.evaluation_id;
+    status_of passes it), a _DONE written for other evaluation settings does not count: the trial is trained,
+    its evaluation stale."""
     prefix = trial_prefix(sweep, trial_id)
     attempts = _read_attempts(store, prefix)
-    done = store.exists(f"{prefix}/{DONE}")
-    trained = done or store.exists(f"{prefix}/{TRAINED}")
+    marked = store.exists(f"{prefix}/{DONE}")
+    recorded = evaluated_as(store, sweep, trial_id) if marked and evaluation is not None else None
+    # A _DONE that names no evaluation (written by hand) is taken as it is; stores from before evaluations were
+    # recorded hold other trial ids (SPEC_VERSION 3), so none of their markers is read here.
+    stale = recorded is not None and recorded != evaluation
+    done = marked and not stale
+    trained = marked or store.exists(f"{prefix}/{TRAINED}")
     failure = None
     if not done and store.exists(f"{prefix}/{FAILED}"):
         failure = _failure_from(store.read_json(f"{prefix}/{FAILED}"))
@@ -369,7 +379,20 @@ def read_status(store: ArtifactStore, sweep: str, trial_id: str) -> TrialStatus:
         state = TrialState.RUNNING
     else:
         state = TrialState.TRAINED if trained else TrialState.PENDING
-    return TrialStatus(trial_id, state, trained, done, failure, attempts)
+    return TrialStatus(trial_id, state, trained, done, failure, attempts, stale)
+
+
+def status_of(store: ArtifactStore, spec: Any) -> TrialStatus:
+    """read_status for a TrialSpec, with its evaluation settings: what every loop deciding what to run uses."""
+    return read_status(store, spec.sweep, spec.trial_id, spec.evaluation_id)
+
+
+def evaluated_as(store: ArtifactStore, sweep: str, trial_id: str) -> str | None:
+    """The evaluation_id the trial's _DONE was written for (None: none recorded, or no _DONE)."""
+    try:
+        return store.read_json(f"{trial_prefix(sweep, trial_id)}/{DONE}").get("evaluation")
+    except (StoreError, FileNotFoundError, ValueError, AttributeError):
+        return None
 
 
 def trial_state(store: ArtifactStore, sweep: str, trial_id: str) -> str:
@@ -382,6 +405,7 @@ class NextAction(str, Enum):
 
     RUN = "run"  # never started, or carried on as its current attempt (running, stopped, preempted, trained)
     RETRY = "retry"  # its current attempt failed, below the attempt limit: run again as attempt n+1
+    EVALUATE = "evaluate"  # done under other evaluation settings: evaluated again (not trained) as attempt n+1
     SKIP = "skip"  # finished for good: done, or pruned by a search (a pruned trial is never run again)
     OVER_LIMIT = "over_limit"  # failed `max_attempts` times: left failed until a submit raises --max-attempts
 
@@ -398,6 +422,8 @@ def next_action(status: TrialStatus, max_attempts: int) -> NextAction:
         return NextAction.SKIP
     if status.state is TrialState.FAILED:
         return NextAction.OVER_LIMIT if status.failed_attempts >= max_attempts else NextAction.RETRY
+    if status.evaluation_stale and status.attempts and status.attempts[-1].outcome == "done":
+        return NextAction.EVALUATE  # (an evaluation under way, stopped or preempted carries on: RUN)
     return NextAction.RUN
 
 
@@ -411,8 +437,9 @@ def over_limit_note(status: TrialStatus, max_attempts: int) -> str:
 def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
                   job: str | None = None) -> TrialStatus:
     """Record that the trial is (re)started and return its new status. After a failed attempt this is attempt
-    n+1: the failure moves into that attempt's record and _FAILED is cleared. After an attempt that did not fail
-    (preempted, stopped, interrupted) it carries on as the same attempt."""
+    n+1: the failure moves into that attempt's record and _FAILED is cleared; after a done one (evaluated again
+    under new settings, NextAction.EVALUATE) too. After an attempt that did not fail (preempted, stopped,
+    interrupted) it carries on as the same attempt."""
     prefix = trial_prefix(sweep, trial_id)
     status = read_status(store, sweep, trial_id)
     attempts = list(status.attempts)
@@ -425,7 +452,7 @@ def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
             attempts.append(Attempt(1, "unknown", failed.at, failed.job, "failed", failed.at, failed.as_dict()))
     if not attempts:
         attempts.append(Attempt(1, backend, time.time(), job))
-    elif attempts[-1].outcome == "failed":
+    elif attempts[-1].outcome in ("failed", "done"):
         attempts.append(Attempt(attempts[-1].number + 1, backend, time.time(), job))
     else:
         attempts[-1] = _replace(attempts[-1], backend=backend, job=job, outcome=None, ended_at=None)

@@ -9,7 +9,7 @@ from collections import Counter
 
 from finesweep.spec import StartRef, resolve_sweep_path
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, end_attempt,
-                             read_status, trial_prefix)
+                             status_of, trial_prefix)
 
 from .plan import SweepPlan, load_plan, resolve_recorded_starts, resolve_start, select_best
 from .plan import project_dir
@@ -129,7 +129,7 @@ def cancel(args, store: ArtifactStore) -> int:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
         stopped = 0
         for spec in _specs(plan, store) if plan.resolved else []:
-            if read_status(store, spec.sweep, spec.trial_id).state is TrialState.RUNNING:
+            if status_of(store, spec).state is TrialState.RUNNING:
                 end_attempt(store, spec.sweep, spec.trial_id, "stopped")
                 stopped += 1
         log.info("sweep %s: %d Job(s) deleted, %d trial(s) marked stopped; finished trials stay in %s",
@@ -165,7 +165,7 @@ def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, 
     while True:
         if on_poll is not None:
             on_poll()
-        statuses = [read_status(store, s.sweep, s.trial_id) for s in specs]
+        statuses = [status_of(store, s) for s in specs]
         counts = Counter(st.state for st in statuses)
         log.info("waiting for sweep %s: %d/%d done, %d failed, %d running", plan.sweep.name,
                  counts[TrialState.DONE], len(specs), counts[TrialState.FAILED], counts[TrialState.RUNNING])
@@ -220,7 +220,7 @@ def status(args, store: ArtifactStore) -> int:
         print(header)
         for spec in _specs(plan, store):
             prefix = trial_prefix(spec.sweep, spec.trial_id)
-            st = read_status(store, spec.sweep, spec.trial_id)
+            st = status_of(store, spec)
             note, bleu, value = "", "", ""
             if st.done:
                 ev = store.read_json(f"{prefix}/eval.json")

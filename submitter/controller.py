@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 
-from finesweep.store import ArtifactStore, read_status
+from finesweep.store import ArtifactStore, status_of
 
 from .plan import BEST, SweepPlan, load_plan, resolve_start
 
@@ -113,7 +113,7 @@ def _run_sweep(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings
         log.error("%s: %s", stage, exc)
         return None
     watcher.log_changes()
-    counts = Counter(read_status(store, s.sweep, s.trial_id).state.value for s in specs)
+    counts = Counter(status_of(store, s).state.value for s in specs)
     _log_selection(stage, plan, store)
     build_report(store, plan.sweep, specs)
     log.info("%s: settled (%s); report at %s/%s/report/report.md", stage,
@@ -161,7 +161,7 @@ class K8sSearchBackend:
         from .k8s_manifests import job_name
 
         self.scheduled[spec.trial_id] = spec
-        status = read_status(self.store, spec.sweep, spec.trial_id)
+        status = status_of(self.store, spec)
         action = next_action(status, self.max_attempts)  # the store's one rule, as every other loop applies it
         if action is NextAction.SKIP:
             return
@@ -169,9 +169,10 @@ class K8sSearchBackend:
             log.warning("%s: trial %s (%s): %s", self.stage, spec.name, spec.trial_id,
                         over_limit_note(status, self.max_attempts))
             return
-        if action is NextAction.RETRY:
-            # The failed attempt's Job and ConfigMap go first; the new attempt's Job name is recorded before the
-            # Job exists, so a replacement controller creates it at most once.
+        if action in (NextAction.RETRY, NextAction.EVALUATE):
+            # The failed attempt's Job and ConfigMap go first (or the finished one's, for an evaluation under new
+            # settings: its init container finds the adapter trained and the evaluator runs); the new attempt's
+            # Job name is recorded before the Job exists, so a replacement controller creates it at most once.
             k8s_backend._delete_trial_objects(self.batch, self.core, self.settings, job_name(spec, status.attempt))
             status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name,
                                    job=job_name(spec, status.attempt + 1))
@@ -218,7 +219,7 @@ class _StateWatcher:
 
     def log_changes(self) -> None:
         for spec in self.plan.all_specs():
-            st = read_status(self.store, spec.sweep, spec.trial_id)
+            st = status_of(self.store, spec)
             state = st.state.value + (f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else "")
             if self.seen.get(spec.trial_id) != state:
                 note = f": {st.failure.phase}: {st.failure.reason}" if st.failure is not None else ""

@@ -115,8 +115,8 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
         steps = plan_attempts(trials, statuses, max_attempts, err)
         for step in steps:
             if step.retry_of:
-                print(f"{_who(step.spec)}: attempt {step.retry_of} failed; a submit deletes job "
-                      f"{job_name(step.spec, step.retry_of)} and retries it as attempt {step.attempt}", file=err)
+                print(f"{_who(step.spec)}: {step.replaces()}: a submit deletes job "
+                      f"{job_name(step.spec, step.retry_of)} and runs attempt {step.attempt}", file=err)
         manifests = sweep_manifests([s.spec for s in steps], with_sweep_tracking(settings, sweep), store_url,
                                     {s.spec.trial_id: s.attempt for s in steps})
         names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
@@ -146,8 +146,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
             old = job_name(spec, step.retry_of)
             _delete_trial_objects(batch, core, settings, old)
             start_attempt(store, spec.sweep, spec.trial_id, "k8s", job=name)
-            print(f"{_who(spec)}: attempt {step.retry_of} failed; deleted job {old}, retrying as attempt "
-                  f"{step.attempt}", file=out)
+            print(f"{_who(spec)}: {step.replaces()}: deleted job {old}, running attempt {step.attempt}", file=out)
             existing.pop(old, None)
         if name in existing:
             _ensure_configmap(core, spec, settings, existing[name], step.attempt)
@@ -194,6 +193,14 @@ class AttemptStep:
     spec: TrialSpec
     attempt: int
     retry_of: int = 0
+    # retry_of was done, under other evaluation settings: the new attempt only evaluates (the trainer skips a
+    # trained adapter), NextAction.EVALUATE
+    evaluate_only: bool = False
+
+    def replaces(self) -> str:
+        """Why the Job of attempt `retry_of` makes way for this one."""
+        return ("was evaluated under other eval settings; evaluating again" if self.evaluate_only
+                else f"attempt {self.retry_of} failed; retrying")
 
 
 def plan_attempts(trials: list[TrialSpec], statuses: dict[str, TrialStatus] | None, max_attempts: int,
@@ -217,6 +224,8 @@ def plan_attempts(trials: list[TrialSpec], statuses: dict[str, TrialStatus] | No
             print(f"{_who(spec)}: {over_limit_note(status_, max_attempts)}", file=out)
         elif action is NextAction.RETRY:
             steps.append(AttemptStep(spec, current + 1, retry_of=current))
+        elif action is NextAction.EVALUATE:
+            steps.append(AttemptStep(spec, current + 1, retry_of=current, evaluate_only=True))
         else:
             steps.append(AttemptStep(spec, current))
     return steps
@@ -226,13 +235,13 @@ def _read_statuses(trials: list[TrialSpec], store_url: str, err: TextIO,
                    store: Any = None) -> dict[str, TrialStatus] | None:
     """Each trial's status from the store. A dry run (no `store` given) carries on without it when the store
     cannot be read (no credentials, no network): None. A real submit cannot, since the trials need that store."""
-    from finesweep.store import open_store, read_status
+    from finesweep.store import open_store, status_of
 
     if store is not None:
-        return {spec.trial_id: read_status(store, spec.sweep, spec.trial_id) for spec in trials}
+        return {spec.trial_id: status_of(store, spec) for spec in trials}
     try:
         opened = open_store(store_url)
-        return {spec.trial_id: read_status(opened, spec.sweep, spec.trial_id) for spec in trials}
+        return {spec.trial_id: status_of(opened, spec) for spec in trials}
     except Exception as exc:  # noqa: BLE001 - any store failure means the same thing here
         print(f"note: store {store_url} could not be read ({type(exc).__name__}: {exc}); the dry run lists every "
               f"trial without checking which are done", file=err)
@@ -244,7 +253,7 @@ def record_job_failures(store: Any, trials: Iterable[TrialSpec], rows: list[dict
     could not write it itself, and status, report and a waiting pipeline read failures from the store. Only a
     Job of the trial's current attempt counts. `rows` are the sweep's status rows. Returns how many were
     recorded."""
-    from finesweep.store import read_status, record_failure
+    from finesweep.store import record_failure, status_of
 
     specs = {s.trial_id: s for s in trials}
     written = 0
@@ -252,7 +261,7 @@ def record_job_failures(store: Any, trials: Iterable[TrialSpec], rows: list[dict
         spec = specs.get(row["trial_id"])
         if row["phase"] != "Failed" or spec is None:
             continue
-        current = read_status(store, spec.sweep, spec.trial_id)
+        current = status_of(store, spec)
         if current.state in (TrialState.DONE, TrialState.FAILED) or row["attempt"] < max(current.attempt, 1):
             continue
         if record_failure(store, spec.sweep, spec.trial_id, "job", row["reason"], row["exit_code"],

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
-                             TrialStatus, end_attempt, failure_line, next_action, over_limit_note, read_status,
+                             TrialStatus, end_attempt, failure_line, next_action, over_limit_note, status_of,
                              record_failure, start_attempt, trial_prefix)
 from finesweep.spec import Sweep, TrialSpec
 
@@ -77,7 +77,7 @@ def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
     started attempt's status) to run it, else (SKIPPED or OVER_LIMIT, its status). Split from run_phases so the
     search loop's backend records the attempt before it returns, as the loop reads what is under way from the
     store; the phases then run in a thread."""
-    status = read_status(store, spec.sweep, spec.trial_id)
+    status = status_of(store, spec)
     action = next_action(status, max_attempts)
     if action is NextAction.SKIP:
         log.info("%s already %s; skipping", label, status.state.value)
@@ -85,6 +85,8 @@ def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
     if action is NextAction.OVER_LIMIT:
         log.error("%s %s", label, over_limit_note(status, max_attempts))
         return OVER_LIMIT, status
+    if action is NextAction.EVALUATE:
+        log.info("%s was evaluated under other eval settings; evaluating it again (not retraining)", label)
     return None, start_attempt(store, spec.sweep, spec.trial_id, "local")
 
 
@@ -99,7 +101,7 @@ def run_phases(spec: TrialSpec, status: TrialStatus, store: ArtifactStore, store
     try:
         if train:
             code = run_phase("trainer", spec, store, store_url, tracking)
-            if read_status(store, spec.sweep, spec.trial_id).state is TrialState.PRUNED:
+            if status_of(store, spec).state is TrialState.PRUNED:
                 return PRUNED  # its trainer stopped it for the search: not evaluated, not a candidate for best
         if code == 0:
             code = run_phase("evaluator", spec, store, store_url, tracking)

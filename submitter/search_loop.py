@@ -19,7 +19,7 @@ from typing import Protocol
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, SETTLED, ArtifactStore, NextAction, TrialStatus, next_action,
-                             read_status)
+                             status_of)
 
 log = logging.getLogger("finesweep")
 
@@ -110,11 +110,11 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
     scheduled: set[str] = set()
 
     def due(spec: TrialSpec) -> NextAction | None:
-        """What this run does with `spec`: RUN or RETRY to schedule it, None to leave it."""
+        """What this run does with `spec`: RUN, RETRY or EVALUATE to schedule it, None to leave it."""
         if spec.trial_id in scheduled:
             return None
-        action = next_action(read_status(store, spec.sweep, spec.trial_id), limit)
-        return action if action in (NextAction.RUN, NextAction.RETRY) else None
+        action = next_action(status_of(store, spec), limit)
+        return action if action in (NextAction.RUN, NextAction.RETRY, NextAction.EVALUATE) else None
 
     def schedule(spec: TrialSpec) -> None:
         scheduled.add(spec.trial_id)
@@ -123,14 +123,15 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
     refs = [s for s in sweep.reference_specs(start) if due(s)]
     for spec in refs:
         schedule(spec)
-    while any(read_status(store, s.sweep, s.trial_id).state not in SETTLED for s in refs):
+    while any(status_of(store, s).state not in SETTLED for s in refs):
         backend.wait(poll_s)
     for rec in search.records():  # left running, unstarted or failed by an earlier run: carry on, or retry
         spec = search.spec_of(rec)
         action = due(spec) if rec.get("alias_of") is None else None
         if action is not None:
-            log.info("search %s: %s %s (%s)", sweep.name,
-                     "retrying" if action is NextAction.RETRY else "carrying on with", spec.name, spec.trial_id)
+            log.info("search %s: %s %s (%s)", sweep.name, {NextAction.RETRY: "retrying", NextAction.EVALUATE:
+                     "evaluating again (eval settings changed)"}.get(action, "carrying on with"), spec.name,
+                     spec.trial_id)
             search.ensure_monitor(spec)
             schedule(spec)
     asked, exhausted = 0, False

@@ -452,12 +452,41 @@ def test_dry_run_skips_trials_the_store_marks_done(tmp_path, example_sweeps, set
     sweep = example_sweeps[0]
     trials = trials_of(sweep)
     store = open_store(tmp_path)
-    store.write_json(f"{trial_prefix(sweep.name, trials[0].trial_id)}/{DONE}", {"files": {}})
+    store.write_json(f"{trial_prefix(sweep.name, trials[0].trial_id)}/{DONE}",
+                     {"files": {}, "evaluation": trials[0].evaluation_id})
     out, err = io.StringIO(), io.StringIO()
     names = k8s_backend.submit(sweep, trials, str(tmp_path), settings, dry_run=True, out=out, err=err)
     assert names == [km.job_name(t) for t in trials[1:]]
     assert f"{trials[0].trial_id}): done in the store" in err.getvalue()
     assert trials[0].trial_id not in out.getvalue().split("---", 1)[1]
+
+
+def test_dry_run_evaluates_again_a_trial_done_under_other_eval_settings(tmp_path, example_sweeps, settings):
+    """A changed eval section keeps the trial id (nothing retrains) and makes the finished trial's Job make way
+    for attempt 2, which only evaluates (NextAction.EVALUATE)."""
+    from finesweep.store import DONE, end_attempt, open_store, start_attempt, trial_prefix
+
+    sweep = example_sweeps[0]
+    trials = trials_of(sweep)
+    store = open_store(tmp_path)
+    first = trials[0]
+    start_attempt(store, sweep.name, first.trial_id, "k8s", job=km.job_name(first))
+    store.write_json(f"{trial_prefix(sweep.name, first.trial_id)}/{DONE}",
+                     {"files": {}, "evaluation": first.evaluation_id})
+    end_attempt(store, sweep.name, first.trial_id, "done")
+    changed = dataclasses.replace(sweep, eval=dataclasses.replace(sweep.eval, max_new_tokens=sweep.eval.max_new_tokens + 64))
+    again = trials_of(changed)
+    assert [t.trial_id for t in again] == [t.trial_id for t in trials]  # evaluation is not identity
+    assert again[0].evaluation_id != first.evaluation_id
+    out, err = io.StringIO(), io.StringIO()
+    names = k8s_backend.submit(changed, again, str(tmp_path), settings, dry_run=True, out=out, err=err)
+    assert names == [km.job_name(again[0], 2)] + [km.job_name(t) for t in again[1:]]
+    assert (f"was evaluated under other eval settings; evaluating again: a submit deletes job "
+            f"{km.job_name(first)} and runs attempt 2") in err.getvalue()
+    # The unchanged sweep still finds it done.
+    out, err = io.StringIO(), io.StringIO()
+    assert k8s_backend.submit(sweep, trials, str(tmp_path), settings, dry_run=True, out=out,
+                              err=err) == [km.job_name(t) for t in trials[1:]]
 
 
 def _unreachable_store(url):
@@ -906,7 +935,7 @@ def test_dry_run_shows_the_retry_a_submit_would_create(fake_cluster, local_store
     out, err = io.StringIO(), io.StringIO()
     names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=err)
     assert names[0] == km.job_name(spec, 2) and names[1:] == [km.job_name(t) for t in trials_of(sweep)[1:]]
-    assert f"deletes job {km.job_name(spec)} and retries it as attempt 2" in err.getvalue()
+    assert f"attempt 1 failed; retrying: a submit deletes job {km.job_name(spec)} and runs attempt 2" in err.getvalue()
     assert not fake_cluster.jobs  # a dry run touches no cluster
 
 

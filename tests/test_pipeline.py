@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from finesweep.spec import load_sweeps
+from finesweep.spec import StartRef, load_sweeps
 from finesweep.store import LocalStore, read_status, trial_state
 
 from .conftest import ROOT
@@ -45,8 +45,6 @@ def test_pipeline_trains_selects_and_reports(smoke_run):
            for s in sft.trial_specs()}
     assert ppl[best["trial_id"]] == min(ppl.values())
     # DPO trials started from that trial, and their adapters sit on top of it
-    from finesweep.spec import StartRef
-
     start = StartRef("smoke-sft", best["trial_id"])
     for spec in dpo.trial_specs(start) + dpo.reference_specs(start):
         assert trial_state(store, spec.sweep, spec.trial_id) == "done", spec.name
@@ -136,3 +134,46 @@ def test_a_broken_trial_fails_with_a_reason_and_the_rest_go_on(smoke_run, tmp_pa
     assert (status_.state.value, status_.attempt, [a.outcome for a in status_.attempts]) == ("done", 2,
                                                                                            ["failed", "done"])
     assert "checksum" in status_.attempts[0].failure["reason"] and not store.exists(f"{prefix}/_FAILED")
+
+
+def test_a_changed_eval_section_reevaluates_every_row_and_trains_nothing(smoke_run, tmp_path):
+    """A trial's id is its training: the smoke pipeline resubmitted with more generated tokens and another eval
+    set keeps every trial id, trains nothing, evaluates every trial and reference row again (as attempt 2), and
+    records the new evaluation in eval.json and _DONE; the adapters are the same files."""
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(smoke_run[0], store_dir)
+    store = LocalStore(store_dir)
+    text = (ROOT / "jobs" / "smoke.yaml").read_text()
+    changed = text.replace("eval: {set: dpo-mixed-prompts, max_new_tokens: 24",
+                           "eval: {set: dpo-mixed-prompts, extra_sets: [sft-open-questions], max_new_tokens: 16")
+    changed = changed.replace("extra_sets: [math-word-problems], max_new_tokens: 24", "max_new_tokens: 16")
+    assert changed.count("max_new_tokens: 16") == 2
+    path = tmp_path / "smoke.yaml"
+    path.write_text(changed)
+    old_sft, old_dpo = load_sweeps(ROOT / "jobs" / "smoke.yaml")
+    new_sft, new_dpo = load_sweeps(path)
+    start = StartRef("smoke-sft", store.read_json("smoke-sft/best.json")["trial_id"])
+    old = old_sft.trial_specs() + old_sft.reference_specs() + old_dpo.trial_specs(start) + old_dpo.reference_specs(start)
+    new = new_sft.trial_specs() + new_sft.reference_specs() + new_dpo.trial_specs(start) + new_dpo.reference_specs(start)
+    assert [s.trial_id for s in new] == [s.trial_id for s in old] and len({s.trial_id for s in new}) == 7
+    adapters = {p: p.read_bytes() for p in store_dir.rglob("adapter/adapter_model.safetensors")}
+    assert len(adapters) == 4
+
+    run = submitter("submit", str(path), "--store", str(store_dir))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert " training" not in run.stdout and "already done; skipping" not in run.stdout
+    assert run.stdout.count("evaluating it again (not retraining)") == 7
+    assert {p: p.read_bytes() for p in store_dir.rglob("adapter/adapter_model.safetensors")} == adapters
+    for spec in new:
+        status_ = read_status(store, spec.sweep, spec.trial_id, spec.evaluation_id)
+        assert (status_.state.value, [a.outcome for a in status_.attempts]) == ("done", ["done", "done"]), spec.name
+        ev = store.read_json(f"{spec.sweep}/{spec.trial_id}/eval.json")
+        assert ev["evaluation"]["id"] == spec.evaluation_id != old[new.index(spec)].evaluation_id
+        assert store.read_json(f"{spec.sweep}/{spec.trial_id}/_DONE")["evaluation"] == spec.evaluation_id
+        sets = set(ev["sets"])
+        assert sets == ({"sft-open-questions"} if spec.sweep == "smoke-sft" else {"dpo-mixed-prompts",
+                                                                               "sft-open-questions"}), spec.name
+    # The old sweep file's evaluation is now the stale one: its status says trained, not done.
+    assert read_status(store, old[0].sweep, old[0].trial_id, old[0].evaluation_id).state.value == "trained"

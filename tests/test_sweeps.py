@@ -94,6 +94,23 @@ def test_trial_id_is_stable_and_ignores_the_display_name():
     assert changed.trial_id != a.trial_id
 
 
+def test_trial_id_is_the_training_and_evaluation_id_the_evaluation():
+    """Evaluation settings do not change what is trained: same trial id, another evaluation_id. The held-out
+    rows are the exception (a search prunes by them while training)."""
+    import dataclasses
+
+    sweep, _ = _trials("sft")
+    a = sweep.trial_specs()[0]
+    for change in ({"max_new_tokens": a.eval.max_new_tokens + 1}, {"set": "math-word-problems"},
+                   {"extra_sets": ("math-word-problems",)}, {"batch_size": 3}, {"bootstrap_samples": 17}):
+        b = dataclasses.replace(a, eval=dataclasses.replace(a.eval, **change))
+        assert (b.trial_id, b.evaluation_id != a.evaluation_id) == (a.trial_id, True), change
+    fewer = dataclasses.replace(a, eval=dataclasses.replace(a.eval, heldout_rows=a.eval.heldout_rows // 2))
+    assert fewer.trial_id != a.trial_id
+    trained_differently = dataclasses.replace(a, hyper=dataclasses.replace(a.hyper, lr=a.hyper.lr * 2))
+    assert (trained_differently.trial_id != a.trial_id, trained_differently.evaluation_id) == (True, a.evaluation_id)
+
+
 def test_grid_is_a_cartesian_product_on_top_of_defaults():
     raw = yaml.safe_load(BASE + "defaults: {lr: 1.0e-4, epochs: 2}\ngrid: {r: [4, 8], lr: [1.0e-4, 3.0e-4]}\n"
                          "trials: [{name: hand, r: 16}]\n")

@@ -41,6 +41,30 @@ def test_states_in_order_of_what_the_store_holds(store):
     assert status(store).state is TrialState.DONE and status(store).failure is None  # _DONE wins
 
 
+def test_a_trial_done_under_other_eval_settings_is_evaluated_again_as_its_next_attempt(store):
+    """_DONE records the evaluation it was written for; asked about other settings, the trial is trained (not
+    done), next_action says EVALUATE once the done attempt is over, and start_attempt makes that attempt n+1
+    (a new Job name on the cluster) that failures do not count against."""
+    st.start_attempt(store, SWEEP, TRIAL, "local")
+    store.write_marker(f"{PREFIX}/{st.TRAINED}", {})
+    store.write_marker(f"{PREFIX}/{st.DONE}", {}, evaluation="eval-aaaaaaaaaa")
+    st.end_attempt(store, SWEEP, TRIAL, "done")
+    same = read_status(store, SWEEP, TRIAL, "eval-aaaaaaaaaa")
+    assert (same.state, same.evaluation_stale, st.next_action(same, 3)) == (TrialState.DONE, False, st.NextAction.SKIP)
+    assert st.evaluated_as(store, SWEEP, TRIAL) == "eval-aaaaaaaaaa"
+    other = read_status(store, SWEEP, TRIAL, "eval-bbbbbbbbbb")
+    assert (other.state, other.trained, other.done, other.evaluation_stale) == (TrialState.TRAINED, True, False, True)
+    assert st.next_action(other, 3) is st.NextAction.EVALUATE
+    assert status(store).state is TrialState.DONE  # without settings to compare, _DONE counts
+    again = st.start_attempt(store, SWEEP, TRIAL, "k8s", job="sft-sft-0123456789-a2")
+    again = read_status(store, SWEEP, TRIAL, "eval-bbbbbbbbbb")
+    assert (again.state, again.attempt, again.failed_attempts) == (TrialState.RUNNING, 2, 0)
+    assert st.next_action(again, 3) is st.NextAction.RUN  # under way: carried on, not started a third time
+    store.write_marker(f"{PREFIX}/{st.DONE}", {}, evaluation="eval-bbbbbbbbbb")
+    st.end_attempt(store, SWEEP, TRIAL, "done")
+    assert read_status(store, SWEEP, TRIAL, "eval-bbbbbbbbbb").state is TrialState.DONE
+
+
 def test_a_recreated_trial_with_an_old_failure_is_not_settled(store):
     """The bug of issue 11: the old _FAILED made a re-created trial count as finished, so a pipeline waiting on
     its sweep picked the best trial before the retry ran."""
