@@ -23,7 +23,7 @@ DRAFT = "http://json-schema.org/draft-07/schema#"
 # The values _check_hyper accepts for gradient_checkpointing (a literal there, not a constant; test_schema
 # checks the two agree).
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
-# Dataclasses the validator builds field by field (spec._build): a field without a default is required there.
+# Dataclasses the validator builds field by field (spec.fields._build): a field without a default is required there.
 BUILT = (S.DatasetSpec, S.BenchmarkSpec, S.EvalSpec, S.Hyper, S.SelectSpec, S.Guardrail)
 # Keys every sweep must have (parse_sweep checks them before building anything).
 REQUIRED = ("stage", "model", "dataset", "eval")
@@ -54,15 +54,17 @@ def _enums() -> dict[tuple[str, str], tuple]:
 
 
 def _hints(cls) -> dict[str, Any]:
-    """Field types, resolved one by one in spec's namespace: a forward reference to a type not written yet
-    (another engineer's new key) becomes Any instead of failing the whole schema."""
+    """Field types, resolved one by one in the namespace of the module that defines `cls` (finesweep.spec.types):
+    a forward reference to a type not written yet (another engineer's new key) becomes Any instead of failing the
+    whole schema."""
+    namespace = vars(sys.modules[cls.__module__])
     out = {}
     for f in dataclasses.fields(cls):
         hint = f.type
         for _ in range(2):  # `x: "T | None"` under `from __future__ import annotations` is a string twice
             if isinstance(hint, str):
                 try:
-                    hint = eval(hint, vars(S), dict(vars(typing)))  # noqa: S307 - spec's own annotations
+                    hint = eval(hint, namespace, dict(vars(typing)))  # noqa: S307 - spec's own annotations
                 except NameError:
                     hint = Any
         if isinstance(hint, str):
@@ -116,7 +118,7 @@ class _Builder:
         if origin in (tuple, list) or hint in (tuple, list):
             item = self.type(args[0] if args else Any, choices)
             array = {"type": "array", "items": item}
-            # A bare string where a list of strings goes is that one-item list (spec._coerce).
+            # A bare string where a list of strings goes is that one-item list (spec.fields._coerce).
             return {"anyOf": [array, item]} if args and args[0] is str else array
         if dataclasses.is_dataclass(hint):
             return self.ref(hint)

@@ -3,6 +3,7 @@ and it agrees with the validator wherever a schema can say the rule (keys, types
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_every_top_level_key_and_type_field_is_in_the_schema():
     defs = built["definitions"]
     assert set(defs["sweep"]["properties"]) == set(S.SWEEP_KEYS)
     for cls in generator.BUILT:
-        assert set(defs[cls.__name__]["properties"]) == {f.name for f in S.dataclasses.fields(cls)}
+        assert set(defs[cls.__name__]["properties"]) == {f.name for f in dataclasses.fields(cls)}
     assert "Checked by finesweep only" in built["description"]
 
 
