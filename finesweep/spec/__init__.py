@@ -15,8 +15,9 @@ The modules, each doing one thing (each imports only those listed above it):
                    keys set twice)
   fields.py        typed building: a dataclass from a mapping (_build), with the key, type and choice checks and
                    the helpers that word their errors
-  validation.py    the rules across fields: select (tie-break, guardrails, betas), tracking, hyperparameters and the
-                   keys a stage ignores, a DPO sweep against its start point (check_start_compatible)
+  validation.py    the rules across fields: dataset and eval values, select (tie-break, guardrails, betas),
+                   tracking, hyperparameters and the keys a stage ignores, a DPO sweep against its start point
+                   (check_start_compatible)
   search_space.py  `search:` and `prune:` (parse_search): the space, its values checked like trials, the pruner
   loading.py       a file to Sweeps: load_sweeps, parse_sweep, the expansion of defaults/trials/grid into trials,
                    resolve_sweep_path

@@ -12,9 +12,10 @@ import yaml
 
 from .fields import _build, _check_choice, _check_keys, _check_type, _field_names, _type_name
 from .search_space import parse_search
-from .types import (_FROM, _K8S_NAME, _TRIAL_NAME, DPO_FORMATS, MAX_TEXT, MAX_TRIALS, PROMPT_FORMATS, SFT_FORMATS,
-                    STAGES, DatasetSpec, EvalSpec, Hyper, SelectSpec, Sweep, SweepError, TrackingSpec)
-from .validation import _check_hyper, _check_select, _check_select_betas, _check_tracking
+from .types import (_FROM, _K8S_NAME, _TRIAL_NAME, MAX_TEXT, MAX_TRIALS, PROMPT_FORMATS, STAGES, DatasetSpec, EvalSpec,
+                    Hyper, SelectSpec, Sweep, SweepError, TrackingSpec)
+from .validation import (_check_dataset, _check_eval, _check_hyper, _check_select, _check_select_betas,
+                         _check_tracking)
 from .yaml_text import read_yaml
 
 
@@ -88,51 +89,14 @@ def parse_sweep(raw: Any, source: str, where: str, default_name: str | None) -> 
     if len(model) > MAX_TEXT:
         raise SweepError(source, at("model"), f"is {len(model)} characters long", "name a Hub id or a folder")
     dataset = _build(DatasetSpec, raw["dataset"], source, at("dataset"))
-    allowed = SFT_FORMATS if stage == "sft" else DPO_FORMATS
-    if dataset.format not in allowed:
-        raise SweepError(source, at("dataset.format"), f"{dataset.format!r} is not a {stage} dataset format",
-                         f"use one of {', '.join(allowed)}")
-    if not 0.0 <= dataset.test_fraction < 1.0:
-        raise SweepError(source, at("dataset.test_fraction"), f"{dataset.test_fraction} is outside [0, 1)",
-                         "hold out a fraction such as 0.1, or 0 for none")
-    if dataset.test_split and dataset.test_fraction:
-        raise SweepError(source, at("dataset.test_fraction"), "is set together with test_split",
-                         "hold out rows either by test_split or by test_fraction, not both")
-    if not dataset.path.strip() or len(dataset.path) > MAX_TEXT:
-        raise SweepError(source, at("dataset.path"), "is empty or absurdly long",
-                         "name a Hub dataset id, a local file or a folder")
-    if dataset.name is not None and not dataset.name.strip():
-        raise SweepError(source, at("dataset.name"), "is blank", "leave it out, or name a config of a Hub dataset")
-    if dataset.seed < 0:
-        raise SweepError(source, at("dataset.seed"), f"{dataset.seed} is negative", "use a seed of 0 or more")
-    if dataset.min_answer_chars < 0:
-        raise SweepError(source, at("dataset.min_answer_chars"), "is negative", "use 0 or more")
+    _check_dataset(dataset, stage, source, at)
     prompt_format = _check_choice(source, at("prompt_format"), raw.get("prompt_format", "chat"), PROMPT_FORMATS)
     max_length = _check_type(source, at("max_length"), raw.get("max_length", 512), int)
     if not 16 <= max_length <= 32768:
         raise SweepError(source, at("max_length"), f"{max_length} is out of range",
                          "use a token count between 16 and 32768, e.g. 256 or 512")
     eval_spec = _build(EvalSpec, raw["eval"], source, at("eval"))
-    for key in ("max_new_tokens", "batch_size", "bootstrap_samples"):
-        if getattr(eval_spec, key) <= 0:
-            raise SweepError(source, at(f"eval.{key}"), f"{getattr(eval_spec, key)} is not positive",
-                             "use a positive number")
-    if eval_spec.benchmark is not None:
-        bench = eval_spec.benchmark
-        if bench.rows <= 0:
-            raise SweepError(source, at("eval.benchmark.rows"), f"{bench.rows} is not positive",
-                             "score e.g. `rows: 250` of GSM8K's test split")
-        if bench.max_new_tokens <= 0:
-            raise SweepError(source, at("eval.benchmark.max_new_tokens"), f"{bench.max_new_tokens} is not positive",
-                             "give the answers room, e.g. `max_new_tokens: 256`")
-        if not bench.path.strip() or len(bench.path) > MAX_TEXT:
-            raise SweepError(source, at("eval.benchmark.path"), "is empty or absurdly long",
-                             "use openai/gsm8k, or a local JSONL file or folder with question/answer fields")
-        if bench.name is not None and not bench.name.strip():
-            raise SweepError(source, at("eval.benchmark.name"), "is empty",
-                             "leave it out (openai/gsm8k's `main` is the default), or name a config")
-    if eval_spec.heldout_rows < 0:
-        raise SweepError(source, at("eval.heldout_rows"), "is negative", "use 0 (none) or more rows")
+    _check_eval(eval_spec, source, at)
     select = _check_select(_build(SelectSpec, raw.get("select", {}), source, at("select")), stage, source, at)
     start_from = raw.get("from")
     if stage == "dpo":

@@ -129,55 +129,14 @@ def _parse_space(raw: Any, source: str, where: str, method: str) -> tuple[Param,
             raise SweepError(source, w, "needs exactly one of low/high, choices or times",
                              "write `{low: .., high: ..}`, `{choices: [..]}` or `{times: r, factor: 2}`")
         if forms[0] == ("choices",):
-            _check_keys(source, w, body, {"choices"})
-            choices = body["choices"]
-            if not isinstance(choices, list) or not choices:
-                raise SweepError(source, f"{w}.choices", "must be a non-empty list", f"write `choices: [a, b]`")
-            values = tuple(_coerce(source, f"{w}.choices[{i}]", c, hints[key]) for i, c in enumerate(choices))
-            if len(set(values)) != len(values):
-                raise SweepError(source, f"{w}.choices", "lists a value twice", "list each value once")
-            params.append(Param(key, "choice", choices=values))
+            params.append(_parse_choices(key, body, source, w, hints[key]))
             continue
         if method == "grid" and forms[0] == ("low", "high"):
             raise SweepError(source, w, "is a range, which a grid cannot enumerate", "list the values as `choices:`")
         if forms[0] == ("times",):
-            _check_keys(source, w, body, {"times", "factor"})
-            if key not in _INT_KEYS | _FLOAT_KEYS:
-                raise SweepError(source, w, f"{key} is not a number, so it cannot be a multiple of another key",
-                                 "search it with `choices:`")
-            times = body["times"]
-            if times not in _INT_KEYS | _FLOAT_KEYS or times == key:
-                raise SweepError(source, f"{w}.times", f"{_clip(times)} is not another numeric hyperparameter",
-                                 "name a key such as r")
-            factor = _check_type(source, f"{w}.factor", body.get("factor", 1.0), float)
-            if factor <= 0:
-                raise SweepError(source, f"{w}.factor", f"{factor} is not positive", "use e.g. `factor: 2`")
-            params.append(Param(key, "tie", times=times, factor=factor))
+            params.append(_parse_tie(key, body, source, w))
             continue
-        _check_keys(source, w, body, {"low", "high", "log", "step"})
-        if "high" not in body:
-            raise SweepError(source, f"{w}.high", "is missing", "give both low and high")
-        if key not in _INT_KEYS | _FLOAT_KEYS:
-            raise SweepError(source, w, f"{key} is not a number, so it has no range", "search it with `choices:`")
-        kind = "int" if key in _INT_KEYS else "float"
-        number = int if kind == "int" else float
-        low = _check_type(source, f"{w}.low", body["low"], number)
-        high = _check_type(source, f"{w}.high", body["high"], number)
-        log_scale = _check_type(source, f"{w}.log", body.get("log", False), bool)
-        step = body.get("step")
-        if low >= high:
-            raise SweepError(source, w, f"range [{low}, {high}] is {'empty' if low == high else 'inverted'}",
-                             "give low below high (a single value belongs in `defaults:`)")
-        if log_scale and low <= 0:
-            raise SweepError(source, f"{w}.low", f"a log range cannot start at {low} (log of 0 or less)",
-                             "start it above 0, e.g. `low: 1.0e-6`, or drop `log: true`")
-        if step is not None:
-            step = _check_type(source, f"{w}.step", step, number)
-            if log_scale or step <= 0 or abs(round((high - low) / step) * step - (high - low)) > 1e-9 * max(1, high):
-                raise SweepError(source, f"{w}.step", f"{step} does not divide [{low}, {high}] into equal steps"
-                                 + (" (or is used with log)" if log_scale else ""),
-                                 "use a positive step that divides high - low, without log")
-        params.append(Param(key, kind, low, high, log_scale, step))
+        params.append(_parse_range(key, body, source, w))
     by_key = {p.key: p for p in params}
     for p in params:
         if p.kind == "tie" and by_key.get(p.times, Param("", "")).kind == "tie":
@@ -186,6 +145,62 @@ def _parse_space(raw: Any, source: str, where: str, method: str) -> tuple[Param,
     if all(p.kind == "tie" for p in params):
         raise SweepError(source, where, "has only ties: nothing to search", "give at least one range or choices")
     return tuple(params)
+
+
+def _parse_choices(key: str, body: dict, source: str, w: str, hint: Any) -> Param:
+    """`{choices: [..]}`: each value of the key's type, none twice."""
+    _check_keys(source, w, body, {"choices"})
+    choices = body["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise SweepError(source, f"{w}.choices", "must be a non-empty list", f"write `choices: [a, b]`")
+    values = tuple(_coerce(source, f"{w}.choices[{i}]", c, hint) for i, c in enumerate(choices))
+    if len(set(values)) != len(values):
+        raise SweepError(source, f"{w}.choices", "lists a value twice", "list each value once")
+    return Param(key, "choice", choices=values)
+
+
+def _parse_tie(key: str, body: dict, source: str, w: str) -> Param:
+    """`{times: r, factor: 2}`: a numeric key set to a multiple of another (tie_value)."""
+    _check_keys(source, w, body, {"times", "factor"})
+    if key not in _INT_KEYS | _FLOAT_KEYS:
+        raise SweepError(source, w, f"{key} is not a number, so it cannot be a multiple of another key",
+                         "search it with `choices:`")
+    times = body["times"]
+    if times not in _INT_KEYS | _FLOAT_KEYS or times == key:
+        raise SweepError(source, f"{w}.times", f"{_clip(times)} is not another numeric hyperparameter",
+                         "name a key such as r")
+    factor = _check_type(source, f"{w}.factor", body.get("factor", 1.0), float)
+    if factor <= 0:
+        raise SweepError(source, f"{w}.factor", f"{factor} is not positive", "use e.g. `factor: 2`")
+    return Param(key, "tie", times=times, factor=factor)
+
+
+def _parse_range(key: str, body: dict, source: str, w: str) -> Param:
+    """`{low: .., high: .., log: .., step: ..}`: an int or float range of a numeric key."""
+    _check_keys(source, w, body, {"low", "high", "log", "step"})
+    if "high" not in body:
+        raise SweepError(source, f"{w}.high", "is missing", "give both low and high")
+    if key not in _INT_KEYS | _FLOAT_KEYS:
+        raise SweepError(source, w, f"{key} is not a number, so it has no range", "search it with `choices:`")
+    kind = "int" if key in _INT_KEYS else "float"
+    number = int if kind == "int" else float
+    low = _check_type(source, f"{w}.low", body["low"], number)
+    high = _check_type(source, f"{w}.high", body["high"], number)
+    log_scale = _check_type(source, f"{w}.log", body.get("log", False), bool)
+    step = body.get("step")
+    if low >= high:
+        raise SweepError(source, w, f"range [{low}, {high}] is {'empty' if low == high else 'inverted'}",
+                         "give low below high (a single value belongs in `defaults:`)")
+    if log_scale and low <= 0:
+        raise SweepError(source, f"{w}.low", f"a log range cannot start at {low} (log of 0 or less)",
+                         "start it above 0, e.g. `low: 1.0e-6`, or drop `log: true`")
+    if step is not None:
+        step = _check_type(source, f"{w}.step", step, number)
+        if log_scale or step <= 0 or abs(round((high - low) / step) * step - (high - low)) > 1e-9 * max(1, high):
+            raise SweepError(source, f"{w}.step", f"{step} does not divide [{low}, {high}] into equal steps"
+                             + (" (or is used with log)" if log_scale else ""),
+                             "use a positive step that divides high - low, without log")
+    return Param(key, kind, low, high, log_scale, step)
 
 
 def tie_value(param: Param, base: Any) -> Any:

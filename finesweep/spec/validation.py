@@ -1,6 +1,7 @@
-"""The rules a value's type cannot say, across fields and against the stage: `select:` (metrics, tie-break,
-guardrails; reward_margin in a beta sweep), `tracking:`, each trial's hyperparameters (_check_hyper, and the keys
-a stage ignores), and a DPO sweep against its SFT start point (check_start_compatible)."""
+"""The rules a value's type cannot say, across fields and against the stage: `dataset:` and `eval:` values,
+`select:` (metrics, tie-break, guardrails; reward_margin in a beta sweep), `tracking:`, each trial's
+hyperparameters (_check_hyper, and the keys a stage ignores), and a DPO sweep against its SFT start point
+(check_start_compatible)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,57 @@ import math
 from typing import Any
 
 from .fields import _clip
-from .types import (GUARDRAIL_REFERENCES, LORA_TARGETS, MAX_TEXT, SCHEDULERS, SELECTABLE_METRICS, STAGES, Hyper,
-                    SelectSpec, Sweep, SweepError, TrackingSpec, TrialSpec)
+from .types import (DPO_FORMATS, GUARDRAIL_REFERENCES, LORA_TARGETS, MAX_TEXT, SCHEDULERS, SELECTABLE_METRICS,
+                    SFT_FORMATS, STAGES, DatasetSpec, EvalSpec, Hyper, SelectSpec, Sweep, SweepError, TrackingSpec,
+                    TrialSpec)
+
+
+def _check_dataset(dataset: DatasetSpec, stage: str, source: str, at) -> None:
+    """`dataset:` once built: a format of the sweep's stage, rows held out one way only, a usable path and name."""
+    allowed = SFT_FORMATS if stage == "sft" else DPO_FORMATS
+    if dataset.format not in allowed:
+        raise SweepError(source, at("dataset.format"), f"{dataset.format!r} is not a {stage} dataset format",
+                         f"use one of {', '.join(allowed)}")
+    if not 0.0 <= dataset.test_fraction < 1.0:
+        raise SweepError(source, at("dataset.test_fraction"), f"{dataset.test_fraction} is outside [0, 1)",
+                         "hold out a fraction such as 0.1, or 0 for none")
+    if dataset.test_split and dataset.test_fraction:
+        raise SweepError(source, at("dataset.test_fraction"), "is set together with test_split",
+                         "hold out rows either by test_split or by test_fraction, not both")
+    if not dataset.path.strip() or len(dataset.path) > MAX_TEXT:
+        raise SweepError(source, at("dataset.path"), "is empty or absurdly long",
+                         "name a Hub dataset id, a local file or a folder")
+    if dataset.name is not None and not dataset.name.strip():
+        raise SweepError(source, at("dataset.name"), "is blank", "leave it out, or name a config of a Hub dataset")
+    if dataset.seed < 0:
+        raise SweepError(source, at("dataset.seed"), f"{dataset.seed} is negative", "use a seed of 0 or more")
+    if dataset.min_answer_chars < 0:
+        raise SweepError(source, at("dataset.min_answer_chars"), "is negative", "use 0 or more")
+
+
+def _check_eval(eval_spec: EvalSpec, source: str, at) -> None:
+    """`eval:` once built: positive sizes, and a benchmark (if any) that can be scored."""
+    for key in ("max_new_tokens", "batch_size", "bootstrap_samples"):
+        if getattr(eval_spec, key) <= 0:
+            raise SweepError(source, at(f"eval.{key}"), f"{getattr(eval_spec, key)} is not positive",
+                             "use a positive number")
+    if eval_spec.benchmark is not None:
+        bench = eval_spec.benchmark
+        if bench.rows <= 0:
+            raise SweepError(source, at("eval.benchmark.rows"), f"{bench.rows} is not positive",
+                             "score e.g. `rows: 250` of GSM8K's test split")
+        if bench.max_new_tokens <= 0:
+            raise SweepError(source, at("eval.benchmark.max_new_tokens"), f"{bench.max_new_tokens} is not positive",
+                             "give the answers room, e.g. `max_new_tokens: 256`")
+        if not bench.path.strip() or len(bench.path) > MAX_TEXT:
+            raise SweepError(source, at("eval.benchmark.path"), "is empty or absurdly long",
+                             "use openai/gsm8k, or a local JSONL file or folder with question/answer fields")
+        if bench.name is not None and not bench.name.strip():
+            raise SweepError(source, at("eval.benchmark.name"), "is empty",
+                             "leave it out (openai/gsm8k's `main` is the default), or name a config")
+    if eval_spec.heldout_rows < 0:
+        raise SweepError(source, at("eval.heldout_rows"), "is negative", "use 0 (none) or more rows")
+
 
 # The second metric that decides among trials the selection metric cannot tell apart, when `select.tie_break`
 # is not set: a finer-grained figure from the same evaluation, the first that does not rank like `metric`.
