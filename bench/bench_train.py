@@ -81,7 +81,9 @@ RUNG_LABELS = {
     "finesweep": "+ micro-batches (SFT 1 row, DPO 2 pairs a pass; same loss and gradient, a fraction of the "
                  "activations) = finesweep's defaults (speed.default_levers)",
 }
-REAL_STEPS = {"sft": {"users": (1, 3), "rung": (1, 4)}, "dpo": {"users": (1, 2), "rung": (1, 3)}}
+REAL_STEPS = {"cpu": {"sft": {"users": (1, 3), "rung": (1, 4)}, "dpo": {"users": (1, 2), "rung": (1, 3)}},
+              # A GPU step takes tens of milliseconds: more of them, and 3 warm-up steps (kernel selection).
+              "cuda": {"sft": {"users": (3, 20), "rung": (3, 40)}, "dpo": {"users": (3, 10), "rung": (3, 20)}}}
 
 
 def rung_settings(stage: str, name: str) -> dict:
@@ -242,7 +244,7 @@ def run_child(stage: str, recipe: str, model_dir: str, device_kind: str, out: Pa
     if prompt_format == "instruction":
         warmup, timed = STEPS[device_kind][(stage, recipe)]
     else:  # real-model mode: the ladder
-        warmup, timed = REAL_STEPS[stage]["users" if recipe == "users" else "rung"]
+        warmup, timed = REAL_STEPS[device_kind][stage]["users" if recipe == "users" else "rung"]
     child_rows = DPO_CHILD_PAIRS[device_kind] if stage == "dpo" else None
     spec = make_spec(stage, recipe, model_dir, child_rows, warmup + timed, prompt_format, rung["checkpointing"])
     tokenizer = load_tokenizer(model_dir)

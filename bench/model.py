@@ -44,6 +44,33 @@ def build_model(size: str, out: Path | None = None, seed: int = 0) -> Path:
     return build(out, dims=dims, seed=seed, tokenizer_model=SHARED_TOKENIZER)
 
 
+def build_real_architecture(source: Path, out: Path, seed: int = 0) -> Path:
+    """SmolLM2-135M-Instruct's architecture, tokenizer, chat template and generation config from `source` (a
+    `make real-model` folder without its weights), with randomly initialised weights, into `out`. For a machine
+    the 514 MB of real weights cannot reach (the GPU lease carries at most 64 MiB): training speed and memory
+    depend on the shapes and the token counts, not on the weights' values; no quality figure comes from it."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != "config.json":
+            shutil.copy2(path, tmp / path.name)
+    record = json.loads((tmp / "finesweep-real.json").read_text()) if (tmp / "finesweep-real.json").exists() else {}
+    record["weights"] = f"random-init (seed {seed}): the architecture only, for speed and memory"
+    (tmp / "finesweep-real.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def model_shape(config) -> dict:
     """Parameter counts the FLOP formula uses (docs/benchmarks.md)."""
     d, L = config.hidden_size, config.num_hidden_layers
