@@ -370,9 +370,16 @@ def _write(store: ArtifactStore, spec: TrialSpec, result: dict, samples: list[di
            extra: dict[str, str] | None = None) -> None:
     prefix = trial_prefix(spec.sweep, spec.trial_id)
     files = dict(extra or {})  # files already written (the evaluation's TensorBoard events), listed in _DONE
-    for name, data in (("spec.json", json.dumps(to_dict(spec), indent=2).encode()),
-                       ("eval.json", json.dumps(result, indent=2, default=str).encode()),
-                       ("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())):
+    outputs = [("eval.json", json.dumps(result, indent=2, default=str).encode()),
+               ("samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples).encode())]
+    spec_key = f"{prefix}/spec.json"
+    if spec.trains and store.exists(spec_key):
+        # The trainer's spec.json is checksummed in _TRAINED (a DPO trial verifies its start that way): an
+        # evaluation under new settings leaves it as trained; eval.json's `evaluation` says which one this is.
+        files[spec_key] = checksum(store.read_bytes(spec_key))
+    else:
+        outputs.insert(0, ("spec.json", json.dumps(to_dict(spec), indent=2).encode()))
+    for name, data in outputs:
         store.write_bytes(f"{prefix}/{name}", data)
         files[f"{prefix}/{name}"] = checksum(data)
     # The evaluation it holds: a submit with other eval settings evaluates the trial again (store.read_status).

@@ -437,9 +437,9 @@ def over_limit_note(status: TrialStatus, max_attempts: int) -> str:
 def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
                   job: str | None = None) -> TrialStatus:
     """Record that the trial is (re)started and return its new status. After a failed attempt this is attempt
-    n+1: the failure moves into that attempt's record and _FAILED is cleared; after a done one (evaluated again
-    under new settings, NextAction.EVALUATE) too. After an attempt that did not fail (preempted, stopped,
-    interrupted) it carries on as the same attempt."""
+    n+1: the failure moves into that attempt's record and _FAILED is cleared; after a done one whose _DONE is
+    there (evaluated again under new settings, NextAction.EVALUATE) too. Otherwise (preempted, stopped,
+    interrupted, or a _DONE removed by hand) it carries on as the same attempt."""
     prefix = trial_prefix(sweep, trial_id)
     status = read_status(store, sweep, trial_id)
     attempts = list(status.attempts)
@@ -452,7 +452,9 @@ def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
             attempts.append(Attempt(1, "unknown", failed.at, failed.job, "failed", failed.at, failed.as_dict()))
     if not attempts:
         attempts.append(Attempt(1, backend, time.time(), job))
-    elif attempts[-1].outcome in ("failed", "done"):
+    elif attempts[-1].outcome == "failed" or (attempts[-1].outcome == "done" and store.exists(f"{prefix}/{DONE}")):
+        # After a failure; or after a finished attempt whose _DONE is still there, i.e. an evaluation under new
+        # settings (NextAction.EVALUATE): a new Job name on the cluster, the finished attempt's record kept.
         attempts.append(Attempt(attempts[-1].number + 1, backend, time.time(), job))
     else:
         attempts[-1] = _replace(attempts[-1], backend=backend, job=job, outcome=None, ended_at=None)

@@ -894,7 +894,7 @@ def test_resubmit_retries_exactly_the_failed_trial_as_a_new_attempt(fake_cluster
     assert job["metadata"]["labels"]["finesweep.io/attempt"] == "2"
     volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")
     assert volume["configMap"]["name"] == km.configmap_name(failed, 2)
-    assert "attempt 1 failed; deleted job" in out.getvalue() and f"exists (job {km.job_name(running)}" in \
+    assert "attempt 1 failed; retrying: deleted job" in out.getvalue() and f"exists (job {km.job_name(running)}" in \
         out.getvalue()
     status_ = read_status(store, sweep.name, failed.trial_id)
     assert (status_.state, status_.attempt, status_.attempts[0].outcome) == (TrialState.RUNNING, 2, "failed")
