@@ -14,6 +14,7 @@ import logging
 import sys
 
 from finesweep.store import DEFAULT_MAX_ATTEMPTS
+from submitter.cluster_settings import DEFAULT_NAMESPACE, SETTINGS
 
 log = logging.getLogger("finesweep")
 COMMANDS = (("submit", "validate, then run (local) or submit (k8s) every unfinished trial; failed ones again"),
@@ -21,9 +22,9 @@ COMMANDS = (("submit", "validate, then run (local) or submit (k8s) every unfinis
             ("logs", "print (local) or follow (k8s) a trial's logs"),
             ("report", "build the sweep reports from the store"),
             ("cancel", "k8s: delete the sweep's Jobs and ConfigMaps (finished artifacts stay)"))
-# Command-line flag for the ClusterSettings fields a user sets on the command line, so errors name what they typed.
-FLAGS = {"namespace": "--namespace (NAMESPACE=)", "kube_context": "--kube-context (KUBE_CONTEXT=)",
-         "store": "--store (STORE=)"}
+# Command-line flag of the settings a user gives on the command line, so errors name what they typed: the
+# cluster settings' from their declaration (submitter/cluster_settings.py), and the store.
+FLAGS = {**{s.field: s.flag for s in SETTINGS if s.flag}, "store": "--store (STORE=)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("sweep", help="name under jobs/ or path to a sweep YAML")
         p.add_argument("--store", default="artifacts", help="folder or s3://bucket/prefix (default: artifacts)")
         p.add_argument("--backend", choices=("local", "k8s"), default="local")
-        p.add_argument("--namespace", default="", help="k8s: namespace (default: the chart's, finesweep)")
+        p.add_argument("--namespace", default="", help=f"k8s: namespace (default: {DEFAULT_NAMESPACE})")
         p.add_argument("--kube-context", default="", help="k8s: kubeconfig context (default: the current one)")
         if name == "submit":
             p.add_argument("--dry-run", action="store_true", help="k8s: print manifests as YAML, touch nothing")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "under max_parallel, waits, selects the best, writes the reports, sweep after sweep")
     p.add_argument("--sweep-file", required=True, help="the sweep YAML (mounted from the controller's ConfigMap)")
     p.add_argument("--store", required=True, help="s3://bucket/prefix")
-    p.add_argument("--namespace", default="", help="namespace of the trial Jobs (default: the chart's, finesweep)")
+    p.add_argument("--namespace", default="", help=f"namespace of the trial Jobs (default: {DEFAULT_NAMESPACE})")
     p.add_argument("--kube-context", default="", help=argparse.SUPPRESS)
     p.add_argument("--max-attempts", type=_positive, default=DEFAULT_MAX_ATTEMPTS, metavar="N",
                    help=f"retry a failed trial until it has failed N times (default {DEFAULT_MAX_ATTEMPTS})")

@@ -28,21 +28,19 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 import yaml
 
 from finesweep.spec import Sweep, TrialSpec
 from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus, failure_line
+from submitter.cluster_settings import DEFAULT_NAMESPACE, chart_values
 from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
     CONTROLLER_CONTAINER, ClusterSettings, SettingsError, configmap_name, controller_manifests, controller_name,
     job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
     sweep_selector, trial_configmap, trial_job, with_sweep_tracking)
 
-# Package data: a link to charts/finesweep/values.yaml in the repository, a copy of it in the installed wheel.
-VALUES_FILE = Path(__file__).resolve().parent / "chart-values.yaml"
 DEFAULTS_CONFIGMAP = "finesweep-defaults"  # rendered by charts/finesweep/templates/defaults-configmap.yaml
 DEFAULTS_KEY = "defaults.json"
 
@@ -53,10 +51,9 @@ def load_settings(overrides: dict | None = None) -> ClusterSettings:
     """ClusterSettings from charts/finesweep/values.yaml plus `overrides` (ClusterSettings field names such as
     `namespace`, `gpus_per_trial`, or document paths such as `jobs.gpusPerTrial`). Touches no cluster; a real
     submit/status later layers the cluster's finesweep-defaults ConfigMap under the same overrides."""
-    values = yaml.safe_load(VALUES_FILE.read_text(encoding="utf-8"))
     overrides = dict(overrides or {})
-    namespace = overrides.get("namespace", "finesweep")
-    return settings_from_defaults(resolved_defaults(values, namespace=namespace), overrides=overrides)
+    namespace = overrides.get("namespace", DEFAULT_NAMESPACE)
+    return settings_from_defaults(resolved_defaults(chart_values(), namespace=namespace), overrides=overrides)
 
 
 def with_cluster_defaults(settings: ClusterSettings, core: Any, err: TextIO | None = None) -> ClusterSettings:
@@ -74,8 +71,7 @@ def with_cluster_defaults(settings: ClusterSettings, core: Any, err: TextIO | No
             return settings
         raise
     cluster = json.loads((configmap.get("data") or {}).get(DEFAULTS_KEY, "{}"))
-    values = yaml.safe_load(VALUES_FILE.read_text(encoding="utf-8"))
-    file_defaults = resolved_defaults(values, namespace=settings.namespace)
+    file_defaults = resolved_defaults(chart_values(), namespace=settings.namespace)
     return settings_from_defaults(file_defaults, cluster, overrides=dict(settings.overrides))
 
 

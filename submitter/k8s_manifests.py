@@ -8,9 +8,9 @@ One trial = one ConfigMap (the trial spec as JSON) + one Job:
   - stage base: only `eval` (reference rows are evaluated, never trained).
 Both read the spec from /etc/finesweep/spec.json and exchange the adapter through the artifact store.
 
-Settings come in the "resolved defaults" shape the chart publishes in the finesweep-defaults ConfigMap
-(`resolved_defaults(values)` computes the same from a values.yaml), then `settings_from_defaults` turns them
-into a ClusterSettings.
+Settings are a ClusterSettings, declared and loaded in submitter/cluster_settings.py: from the "resolved
+defaults" shape the chart publishes in the finesweep-defaults ConfigMap (`resolved_defaults(values)` computes the
+same from a values.yaml), `settings_from_defaults` builds one.
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from finesweep import exitcodes
 from finesweep.spec import TrialSpec, to_dict
+# The settings side (declaration, loading, checks) lives in submitter/cluster_settings.py; re-exported here
+# because callers build manifests and settings together.
+from submitter.cluster_settings import (  # noqa: F401
+    DNS1123_LABEL, LABEL_VALUE, SETTINGS, SETTINGS_PATHS, ClusterSettings, SettingsError, chart_fullname,
+    check_settings, deep_merge, resolved_defaults, settings_from_defaults, settings_summary)
 
 SPEC_DIR = "/etc/finesweep"
 SPEC_FILE = "spec.json"
@@ -47,258 +51,6 @@ ANNOTATION_TRIAL_NAME = "finesweep.io/trial-name"
 ANNOTATION_STORE = "finesweep.io/store"
 MANAGED_BY = "finesweep-submitter"
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-# ------------------------------------------------------------------------------------------------ settings
-
-class SettingsError(ValueError):
-    """A cluster setting (chart values, the cluster's finesweep-defaults, a command-line flag, the store URL
-    or kube context the k8s backend is given) cannot work. `setting` is the ClusterSettings field (or `store`);
-    the CLI turns it into one line naming the flag and the fix, exit 2."""
-
-    def __init__(self, setting: str, problem: str, fix: str = ""):
-        self.setting, self.problem, self.fix = setting, problem, fix
-        where = f"cluster setting {setting} ({SETTINGS_PATHS[setting]})" if setting in SETTINGS_PATHS else setting
-        super().__init__(f"{where}: {problem}" + (f". Fix: {fix}" if fix else ""))
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """Everything about the cluster a trial Job needs besides the trial itself. Defaults mirror
-    charts/finesweep/values.yaml; load them with k8s_backend.load_settings rather than by hand."""
-
-    namespace: str = "finesweep"
-    kube_context: str | None = None  # kubeconfig context (None: the current one)
-    trainer_image: str = "finesweep/trainer:0.1.0"
-    evaluator_image: str = "finesweep/evaluator:0.1.0"
-    controller_image: str = "finesweep/controller:0.1.0"  # the in-cluster pipeline loop (submitter/controller.py)
-    image_pull_policy: str = "IfNotPresent"
-    image_pull_secrets: tuple[str, ...] = ()
-    gpus_per_trial: int = 1
-    # Processes per trial pod on nodes without a GPU (CPU pools, the offline cluster): finesweep-train launches
-    # that many data-parallel ranks as it does one per GPU. Ignored (must stay 1) when gpus_per_trial > 0.
-    processes_per_trial: int = 1
-    gpu_resource_name: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = field(
-        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"})
-    tolerations: tuple[dict, ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
-    resources: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"requests": {"cpu": "3", "memory": "20Gi"}, "limits": {"memory": "24Gi"}})
-    shm_size: str = "2Gi"
-    cache_size_limit: str | None = "20Gi"
-    scratch_size_limit: str | None = "20Gi"
-    backoff_limit: int = 2
-    active_deadline_seconds: int | None = 86400
-    ttl_seconds_after_finished: int | None = 604800
-    termination_grace_period_seconds: int = 120
-    service_account_name: str = ""
-    priority_class_name: str = ""
-    kueue_queue_name: str = ""
-    hf_token_secret: str = ""
-    run_as_user: int = 1000
-    run_as_group: int = 1000
-    fs_group: int = 1000
-    host_network: bool = False
-    extra_env: tuple[dict, ...] = ()
-    extra_volumes: tuple[dict, ...] = ()
-    extra_volume_mounts: tuple[dict, ...] = ()
-    s3_endpoint: str = ""
-    s3_region: str = "us-east-1"
-    s3_bucket: str = "finesweep"
-    s3_secret_name: str = "finesweep-s3"
-    s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
-    s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
-    # The controller Job: the ServiceAccount it runs as (the chart's, with the submitter's Role) and, where
-    # pods cannot reach the API through the `kubernetes` Service (no kube-proxy), the API server's URL.
-    controller_service_account: str = "finesweep"
-    controller_api_server: str = ""
-    # Submitter behaviour, not part of any manifest.
-    # How often the controller (and a waiting submit) re-checks trial Jobs, search progress and pruning.
-    poll_seconds: float = 15.0
-    wait_for_slots: bool = True  # False: submit returns after the first max_parallel Jobs (re-run to continue)
-    use_cluster_defaults: bool = True  # submit/status read the finesweep-defaults ConfigMap first
-    # The overrides given to load_settings, kept so cluster defaults can be layered underneath them later.
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-
-# ClusterSettings field -> path in the resolved-defaults document (the finesweep-defaults ConfigMap's
-# defaults.json, and what resolved_defaults() builds from values.yaml). Overrides may use either name.
-SETTINGS_PATHS: dict[str, str] = {
-    "namespace": "namespace",
-    "kube_context": "submitter.kubeContext",
-    "trainer_image": "images.trainer",
-    "evaluator_image": "images.evaluator",
-    "controller_image": "images.controller",
-    "image_pull_policy": "images.pullPolicy",
-    "image_pull_secrets": "images.pullSecrets",
-    "gpus_per_trial": "jobs.gpusPerTrial",
-    "processes_per_trial": "jobs.processesPerTrial",
-    "gpu_resource_name": "jobs.gpuResourceName",
-    "node_selector": "jobs.nodeSelector",
-    "tolerations": "jobs.tolerations",
-    "resources": "jobs.resources",
-    "shm_size": "jobs.shmSize",
-    "cache_size_limit": "jobs.cacheSizeLimit",
-    "scratch_size_limit": "jobs.scratchSizeLimit",
-    "backoff_limit": "jobs.backoffLimit",
-    "active_deadline_seconds": "jobs.activeDeadlineSeconds",
-    "ttl_seconds_after_finished": "jobs.ttlSecondsAfterFinished",
-    "termination_grace_period_seconds": "jobs.terminationGracePeriodSeconds",
-    "service_account_name": "jobs.serviceAccountName",
-    "priority_class_name": "jobs.priorityClassName",
-    "kueue_queue_name": "jobs.kueueQueueName",
-    "hf_token_secret": "jobs.hfTokenSecret",
-    "run_as_user": "jobs.runAsUser",
-    "run_as_group": "jobs.runAsGroup",
-    "fs_group": "jobs.fsGroup",
-    "host_network": "jobs.hostNetwork",
-    "extra_env": "jobs.extraEnv",
-    "extra_volumes": "jobs.extraVolumes",
-    "extra_volume_mounts": "jobs.extraVolumeMounts",
-    "s3_endpoint": "s3.endpoint",
-    "s3_region": "s3.region",
-    "s3_bucket": "s3.bucket",
-    "s3_secret_name": "s3.secretName",
-    "s3_access_key_id_key": "s3.accessKeyIdKey",
-    "s3_secret_access_key_key": "s3.secretAccessKeyKey",
-    "controller_service_account": "controller.serviceAccountName",
-    "controller_api_server": "controller.apiServer",
-    "poll_seconds": "controller.pollSeconds",
-    "wait_for_slots": "submitter.waitForSlots",
-    "use_cluster_defaults": "submitter.useClusterDefaults",
-}
-_PATH_TO_FIELD = {path: name for name, path in SETTINGS_PATHS.items()}
-
-
-def chart_fullname(release: str = "finesweep", chart: str = "finesweep", name_override: str = "",
-                   fullname_override: str = "") -> str:
-    """The chart's `finesweep.fullname` helper in Python (same rules, same 63-char cut)."""
-    if fullname_override:
-        return fullname_override[:63].rstrip("-")
-    name = name_override or chart
-    full = release if name in release else f"{release}-{name}"
-    return full[:63].rstrip("-")
-
-
-def resolved_defaults(values: dict, namespace: str = "finesweep", release: str = "finesweep") -> dict:
-    """The finesweep-defaults document the chart renders (templates/defaults-configmap.yaml), from values.
-
-    Kept in step with the template by tests/test_helm.py, which compares the two."""
-    fullname = chart_fullname(release, "finesweep", values.get("nameOverride", ""),
-                              values.get("fullnameOverride", ""))
-    images, s3, minio = values["images"], values["s3"], values.get("minio", {})
-    endpoint = s3.get("endpoint", "")
-    if not endpoint and minio.get("enabled"):
-        endpoint = f"http://{fullname}-minio.{namespace}.svc.cluster.local:9000"
-    return {
-        "namespace": namespace,
-        "images": {
-            "trainer": f"{images['trainer']['repository']}:{images['trainer']['tag']}",
-            "evaluator": f"{images['evaluator']['repository']}:{images['evaluator']['tag']}",
-            "controller": f"{images['controller']['repository']}:{images['controller']['tag']}",
-            "pullPolicy": images["pullPolicy"],
-            "pullSecrets": list(images.get("pullSecrets", [])),
-        },
-        "jobs": copy.deepcopy(values["jobs"]),
-        "s3": {
-            "endpoint": endpoint,
-            "region": s3["region"],
-            "bucket": s3["bucket"],
-            "secretName": s3.get("existingSecret") or f"{fullname}-s3",
-            "accessKeyIdKey": s3["accessKeyIdKey"],
-            "secretAccessKeyKey": s3["secretAccessKeyKey"],
-        },
-        "controller": {
-            # The chart's `finesweep.serviceAccountName` helper: the ServiceAccount its Role is bound to.
-            "serviceAccountName": (values["serviceAccount"].get("name") or fullname)
-            if values["serviceAccount"].get("create", True) else (values["serviceAccount"].get("name") or "default"),
-            "apiServer": (values.get("controller") or {}).get("apiServer", ""),
-            "pollSeconds": (values.get("controller") or {}).get("pollSeconds") or 15,
-        },
-    }
-
-
-def settings_from_defaults(*layers: dict, overrides: dict | None = None) -> ClusterSettings:
-    """ClusterSettings from resolved-defaults documents (later layers win, merged deeply), then `overrides`:
-    keys are ClusterSettings field names (`gpus_per_trial`) or document paths (`jobs.gpusPerTrial`)."""
-    merged: dict = {}
-    for layer in layers:
-        merged = _deep_merge(merged, layer or {})
-    normalized: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        name = key if key in SETTINGS_PATHS else _PATH_TO_FIELD.get(key)
-        if name is None or name == "overrides":
-            raise SettingsError("overrides", f"unknown cluster setting {key!r}",
-                                f"use one of {', '.join(sorted(SETTINGS_PATHS))}")
-        normalized[name] = value
-    kwargs: dict[str, Any] = {}
-    for name, path in SETTINGS_PATHS.items():
-        found, value = _lookup(merged, path)
-        if name in normalized:
-            found, value = True, normalized[name]
-        if found:
-            try:
-                kwargs[name] = _as_field_type(name, value)
-            except (TypeError, ValueError):  # e.g. jobs.gpusPerTrial: "two" in the cluster's finesweep-defaults
-                raise SettingsError(name, f"{str(value)[:80]!r} is not a {_FIELD_KINDS.get(name, 'value')}",
-                                    f"fix {path} in the chart values (helm upgrade) or the override") from None
-    kwargs["overrides"] = tuple(sorted(normalized.items(), key=lambda kv: kv[0]))
-    settings = ClusterSettings(**kwargs)
-    check_settings(settings)
-    return settings
-
-
-def check_settings(settings: ClusterSettings) -> None:
-    """Reject settings that would give invalid manifests, naming the setting."""
-    def bad(name: str, problem: str, fix: str = "") -> None:
-        raise SettingsError(name, problem, fix)
-
-    if not _DNS1123_LABEL.fullmatch(settings.namespace or ""):
-        bad("namespace", f"{(settings.namespace or '')[:80]!r} is not a valid namespace name",
-            "lowercase letters, digits and '-', at most 63 characters, starting and ending alphanumeric "
-            "(e.g. finesweep)")
-    if not isinstance(settings.gpus_per_trial, int) or settings.gpus_per_trial < 0:
-        bad("gpus_per_trial", f"{settings.gpus_per_trial!r} is not a GPU count (0 or more)")
-    if not isinstance(settings.processes_per_trial, int) or settings.processes_per_trial < 1:
-        bad("processes_per_trial", f"{settings.processes_per_trial!r} is not a process count (1 or more)")
-    elif settings.processes_per_trial > 1 and settings.gpus_per_trial > 0:
-        bad("processes_per_trial", f"is {settings.processes_per_trial} with {settings.gpus_per_trial} GPU(s) per "
-            "trial; with GPUs a trial runs one process per GPU",
-            "set jobs.processesPerTrial to 1 (it is for nodes without a GPU)")
-    for name in ("trainer_image", "evaluator_image", "controller_image"):
-        image = getattr(settings, name)
-        untagged = ":" not in image.rsplit("/", 1)[-1] and "@" not in image
-        if not image or image.endswith(":latest") or untagged:
-            bad(name, f"{image!r} needs a fixed tag (not latest) so re-runs use the same code")
-    if settings.controller_api_server and not re.fullmatch(r"https://[^/\s]+:\d+", settings.controller_api_server):
-        bad("controller_api_server", f"{settings.controller_api_server[:80]!r} is not an https://HOST:PORT URL",
-            "set controller.apiServer to the API server's address as pods on the host network see it (e.g. "
-            "https://127.0.0.1:6443), or leave it empty on a cluster with kube-proxy")
-    if settings.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-        bad("image_pull_policy", f"{settings.image_pull_policy!r} is not Always, IfNotPresent or Never")
-    if settings.kueue_queue_name and not _LABEL_VALUE.fullmatch(settings.kueue_queue_name):
-        bad("kueue_queue_name", f"{settings.kueue_queue_name!r} is not a valid label value")
-    if not settings.s3_secret_name:
-        bad("s3_secret_name", "is empty: trial pods take the S3 credentials from that Secret")
-    if settings.backoff_limit < 0:
-        bad("backoff_limit", "is negative")
-    volumes = {v.get("name") for v in settings.extra_volumes if isinstance(v, dict)}
-    for mount in settings.extra_volume_mounts:
-        if not isinstance(mount, dict) or mount.get("name") not in volumes:
-            bad("extra_volume_mounts", f"{mount!r} names no volume of jobs.extraVolumes ({sorted(volumes)})")
-        if not str(mount.get("mountPath", "")).startswith("/"):
-            bad("extra_volume_mounts", f"{mount!r} needs an absolute mountPath")
-    builtin = {"spec", "tmp", "cache", "scratch", "dshm"}
-    for volume in settings.extra_volumes:
-        if not isinstance(volume, dict) or not _DNS1123_LABEL.fullmatch(str(volume.get("name", ""))) \
-                or volume["name"] in builtin:
-            bad("extra_volumes", f"{volume!r} needs a DNS-1123 name other than {sorted(builtin)}")
-    for var in settings.extra_env:
-        if not isinstance(var, dict) or not var.get("name"):
-            bad("extra_env", f"{var!r} needs a name (and a value or valueFrom)")
-
 
 # ------------------------------------------------------------------------------------------------ names
 
@@ -312,7 +64,7 @@ def job_name(spec: TrialSpec, attempt: int = 1) -> str:
     sweep = re.sub(r"[^a-z0-9-]+", "-", spec.sweep.lower()).strip("-")
     trial_id = spec.trial_id + (f"-a{attempt}" if attempt > 1 else "")
     name = f"{sweep}-{trial_id}"
-    if len(name) <= 63 and sweep == spec.sweep and _DNS1123_LABEL.fullmatch(name):
+    if len(name) <= 63 and sweep == spec.sweep and DNS1123_LABEL.fullmatch(name):
         return name
     digest = hashlib.sha256(spec.sweep.encode()).hexdigest()[:6]
     keep = 63 - len(trial_id) - len(digest) - 2
@@ -726,61 +478,7 @@ def _volumes(spec: TrialSpec, settings: ClusterSettings, attempt: int = 1) -> li
 
 def _label_value(value: str) -> str:
     """Sweep names are DNS-1123 labels (<= 40 chars) already; this only guards hand-built specs."""
-    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
+    if len(value) <= 63 and LABEL_VALUE.fullmatch(value):
         return value
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[:56].strip("-_.")
     return f"{cleaned}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
-
-
-def _lookup(doc: dict, path: str) -> tuple[bool, Any]:
-    node: Any = doc
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-_WHOLE_NUMBER_FIELDS = ("gpus_per_trial", "processes_per_trial", "backoff_limit", "termination_grace_period_seconds",
-                        "run_as_user", "run_as_group", "fs_group")
-_FIELD_KINDS = {name: "whole number" for name in (*_WHOLE_NUMBER_FIELDS, "active_deadline_seconds",
-                                                 "ttl_seconds_after_finished")} | {"poll_seconds": "number"}
-
-
-def _as_field_type(name: str, value: Any) -> Any:
-    if name in ("image_pull_secrets", "tolerations", "extra_env", "extra_volumes", "extra_volume_mounts"):
-        return tuple(value or ())
-    if name in ("node_selector", "resources"):
-        return dict(value or {})
-    if name in _WHOLE_NUMBER_FIELDS:
-        return int(value)
-    if name == "active_deadline_seconds":
-        return int(value) if value else None  # 0 or empty: no deadline
-    if name == "ttl_seconds_after_finished":
-        return None if value in (None, "") else int(value)  # 0 is meaningful: delete right away
-    if name == "poll_seconds":
-        return float(value)
-    if name in ("wait_for_slots", "use_cluster_defaults", "host_network"):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-    if name in ("kube_context",):
-        return value or None
-    if name in ("cache_size_limit", "scratch_size_limit"):
-        return str(value) if value else None
-    return "" if value is None else str(value)
-
-
-def settings_summary(settings: ClusterSettings) -> dict:
-    """The settings as a plain dict (for printing); no secrets live in ClusterSettings."""
-    out = dataclasses.asdict(settings)
-    out.pop("overrides")
-    return out

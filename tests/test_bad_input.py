@@ -283,7 +283,7 @@ def manifest_problems(manifests: list[dict]) -> list[str]:
         metas = [meta] + ([m["spec"]["template"]["metadata"]] if kind == "Job" else [])
         for md in metas:
             for value in (md.get("labels") or {}).values():
-                if len(value) > 63 or not km._LABEL_VALUE.fullmatch(value):
+                if len(value) > 63 or not km.LABEL_VALUE.fullmatch(value):
                     problems.append(f"{kind} {name}: label value {value[:40]!r} is invalid")
             size = sum(len(k.encode()) + len(v.encode()) for k, v in (md.get("annotations") or {}).items())
             if size > ANNOTATIONS_LIMIT:

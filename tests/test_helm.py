@@ -274,7 +274,7 @@ def test_defaults_configmap_matches_the_submitter(helm, variant, tmp_path):
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(overlay))
     rendered = defaults_doc(render(helm, "-f", str(values_file)))
-    chart_values = km._deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), overlay)
+    chart_values = km.deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), overlay)
     assert rendered == km.resolved_defaults(chart_values, namespace=NAMESPACE, release=RELEASE)
 
     file_defaults = km.resolved_defaults(yaml.safe_load((CHART / "values.yaml").read_text()), namespace=NAMESPACE)

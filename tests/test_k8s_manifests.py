@@ -24,8 +24,10 @@ import yaml
 
 from finesweep import exitcodes
 from finesweep.spec import StartRef, TrialSpec, load_sweeps, trial_from_dict
+from submitter import cluster_settings as cs
 from submitter import k8s_backend
 from submitter import k8s_manifests as km
+from submitter import values_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = ROOT / "tests" / "expected" / "k8s-example-pipeline.yaml"
@@ -382,6 +384,63 @@ def test_extra_settings_are_checked(overrides, match):
 
 def test_settings_defaults_mirror_the_chart():
     assert k8s_backend.load_settings() == km.ClusterSettings()
+
+
+def test_committed_values_schema_is_the_generated_one():
+    assert (ROOT / "charts" / "finesweep" / "values.schema.json").read_text() == values_schema.render(), (
+        "charts/finesweep/values.schema.json is stale: run "
+        ".venv/bin/python -m submitter.values_schema > charts/finesweep/values.schema.json")
+
+
+def test_every_chart_setting_is_declared_once_with_its_default_in_values_yaml():
+    """Each cluster setting is one row of cluster_settings.SETTINGS; its default is values.yaml's (the rows
+    carry none), every key of the settings' groups in values.yaml is a row or a chart-only key, and the
+    ConfigMap document carries every chart setting."""
+    values = yaml.safe_load((ROOT / "charts" / "finesweep" / "values.yaml").read_text())
+    rows = cs.SETTINGS
+    assert [s.field for s in rows] == [f.name for f in dataclasses.fields(km.ClusterSettings)][:-1]  # + overrides
+    assert len({s.path for s in rows}) == len(rows) and set(cs.SETTINGS_PATHS) == {s.field for s in rows}
+    doc = km.resolved_defaults(values)
+    defaults = km.ClusterSettings()
+    for setting in rows:
+        if setting.source == cs.SUBMITTER:
+            assert getattr(defaults, setting.field) == cs.convert(setting, setting.default)
+            continue
+        assert setting.default is None, f"{setting.field}: the default belongs in values.yaml"
+        found, value = cs.lookup(doc, setting.path)
+        assert found, f"{setting.path} missing from the finesweep-defaults document"
+        assert getattr(defaults, setting.field) == cs.convert(setting, value)
+        if setting.source == cs.VALUES:
+            assert cs.lookup(values, setting.path)[0], f"{setting.path} missing from values.yaml"
+    assert defaults.processes_per_trial == values["jobs"]["processesPerTrial"]
+    assert defaults.poll_seconds == values["controller"]["pollSeconds"]
+    schema = values_schema.build_schema()
+    for group in ("images", "jobs", "s3", "controller"):
+        assert set(values[group]) == set(schema["properties"][group]["properties"])
+        for key in values[group]:
+            assert f"{group}.{key}" in values_schema.value_comments(
+                (ROOT / "charts" / "finesweep" / "values.yaml").read_text()), f"{group}.{key} has no comment"
+    import jsonschema
+
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(values, schema)
+
+
+def test_settings_schema_type_matches_the_field_type():
+    """A setting's values.yaml schema and its ClusterSettings field agree: changing the type in the row
+    changes both."""
+    schema = values_schema.build_schema()
+    for setting in cs.SETTINGS:
+        if setting.source != cs.VALUES:
+            continue
+        group, key = setting.path.split(".")
+        prop = schema["properties"][group]["properties"][key]
+        if setting.schema is cs.IMAGE:
+            assert cs.base_type(setting) is str and prop["type"] == "object"  # {repository, tag} -> "repo:tag"
+        elif setting.schema is cs.QUANTITY:
+            assert cs.base_type(setting) is str and "oneOf" in prop
+        else:
+            assert prop["type"] == values_schema._JSON_TYPES[cs.base_type(setting)], setting.field
 
 
 def test_settings_overrides_by_field_or_path():
@@ -1028,7 +1087,7 @@ def test_controller_names_are_deterministic_and_valid():
     assert km.controller_name("smoke") == "finesweep-controller-smoke"
     odd = "A_very_long_pipeline_name_" * 4
     long = km.controller_name(odd)
-    assert len(long) <= 63 and km._DNS1123_LABEL.fullmatch(long) and long == km.controller_name(odd)
+    assert len(long) <= 63 and km.DNS1123_LABEL.fullmatch(long) and long == km.controller_name(odd)
     assert km.controller_name("a_b") != km.controller_name("a-b")
 
 
