@@ -57,7 +57,10 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed and report.when in ("setup", "call"):
-        for namespace in (NAMESPACE, OOM_NAMESPACE):
+        # The shared namespaces, and a test module's own (NS: e.g. the queued release), whose pods' logs hold the
+        # failing rank's error.
+        own = getattr(getattr(item, "module", None), "NS", None)
+        for namespace in dict.fromkeys(n for n in (NAMESPACE, OOM_NAMESPACE, own) if n):
             dump = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "dump.sh"), namespace],
                                   capture_output=True, text=True, timeout=300)
             report.sections.append((f"cluster state, namespace {namespace} (scripts/cluster/dump.sh)",
