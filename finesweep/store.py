@@ -427,6 +427,10 @@ def next_action(status: TrialStatus, max_attempts: int) -> NextAction:
     return NextAction.RUN
 
 
+# What every loop says of a NextAction.EVALUATE trial (local submit, search loop, k8s submit and controller).
+EVALUATE_NOTE = "was evaluated under other eval settings; evaluating it again (not retraining)"
+
+
 def over_limit_note(status: TrialStatus, max_attempts: int) -> str:
     """Why a trial at its attempt limit is not run, and how to run it again (for NextAction.OVER_LIMIT)."""
     last = f"{status.failure.phase}: {status.failure.reason}" if status.failure is not None else "unknown"

@@ -195,8 +195,9 @@ class AttemptStep:
 
     def replaces(self) -> str:
         """Why the Job of attempt `retry_of` makes way for this one."""
-        return ("was evaluated under other eval settings; evaluating again" if self.evaluate_only
-                else f"attempt {self.retry_of} failed; retrying")
+        from finesweep.store import EVALUATE_NOTE
+
+        return EVALUATE_NOTE if self.evaluate_only else f"attempt {self.retry_of} failed; retrying"
 
 
 def plan_attempts(trials: list[TrialSpec], statuses: dict[str, TrialStatus] | None, max_attempts: int,

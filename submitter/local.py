@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
                              TrialStatus, end_attempt, failure_line, next_action, over_limit_note, status_of,
                              record_failure, start_attempt, trial_prefix)
 from finesweep.spec import Sweep, TrialSpec
@@ -86,7 +86,7 @@ def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
         log.error("%s %s", label, over_limit_note(status, max_attempts))
         return OVER_LIMIT, status
     if action is NextAction.EVALUATE:
-        log.info("%s was evaluated under other eval settings; evaluating it again (not retraining)", label)
+        log.info("%s %s", label, EVALUATE_NOTE)
     return None, start_attempt(store, spec.sweep, spec.trial_id, "local")
 
 

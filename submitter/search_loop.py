@@ -18,8 +18,8 @@ from typing import Protocol
 
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, SETTLED, ArtifactStore, NextAction, TrialStatus, next_action,
-                             status_of)
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, SETTLED, ArtifactStore, NextAction, TrialStatus,
+                             next_action, status_of)
 
 log = logging.getLogger("finesweep")
 
@@ -129,9 +129,11 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
         spec = search.spec_of(rec)
         action = due(spec) if rec.get("alias_of") is None else None
         if action is not None:
-            log.info("search %s: %s %s (%s)", sweep.name, {NextAction.RETRY: "retrying", NextAction.EVALUATE:
-                     "evaluating again (eval settings changed)"}.get(action, "carrying on with"), spec.name,
-                     spec.trial_id)
+            if action is NextAction.EVALUATE:
+                log.info("search %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, EVALUATE_NOTE)
+            else:
+                log.info("search %s: %s %s (%s)", sweep.name,
+                         "retrying" if action is NextAction.RETRY else "carrying on with", spec.name, spec.trial_id)
             search.ensure_monitor(spec)
             schedule(spec)
     asked, exhausted = 0, False

@@ -533,14 +533,15 @@ def test_dry_run_evaluates_again_a_trial_done_under_other_eval_settings(tmp_path
     store.write_json(f"{trial_prefix(sweep.name, first.trial_id)}/{DONE}",
                      {"files": {}, "evaluation": first.evaluation_id})
     end_attempt(store, sweep.name, first.trial_id, "done")
-    changed = dataclasses.replace(sweep, eval=dataclasses.replace(sweep.eval, max_new_tokens=sweep.eval.max_new_tokens + 64))
+    longer = dataclasses.replace(sweep.eval, max_new_tokens=sweep.eval.max_new_tokens + 64)
+    changed = dataclasses.replace(sweep, eval=longer)
     again = trials_of(changed)
     assert [t.trial_id for t in again] == [t.trial_id for t in trials]  # evaluation is not identity
     assert again[0].evaluation_id != first.evaluation_id
     out, err = io.StringIO(), io.StringIO()
     names = k8s_backend.submit(changed, again, str(tmp_path), settings, dry_run=True, out=out, err=err)
     assert names == [km.job_name(again[0], 2)] + [km.job_name(t) for t in again[1:]]
-    assert (f"was evaluated under other eval settings; evaluating again: a submit deletes job "
+    assert (f"was evaluated under other eval settings; evaluating it again (not retraining): a submit deletes job "
             f"{km.job_name(first)} and runs attempt 2") in err.getvalue()
     # The unchanged sweep still finds it done.
     out, err = io.StringIO(), io.StringIO()

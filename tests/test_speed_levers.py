@@ -84,6 +84,20 @@ def _same_grads(a: dict, b: dict) -> None:
         assert (a[name] - b[name]).abs().max().item() <= GRAD_RTOL * scale + 1e-8, name
 
 
+def _micro_batches_match_the_whole(trainer, stage: str, sizes, run) -> float:
+    """`run(step)` -> (loss, LoRA grads) with the trainer's own step, then with each micro-batch size installed:
+    the same loss and gradients every time. Returns the whole batch's loss."""
+    whole_step = trainer.training_step
+    whole, whole_grads = run(whole_step)
+    for size in sizes:
+        trainer.training_step = whole_step
+        speed.install_micro_batches(trainer, stage, size)
+        loss, grads = run(trainer.training_step)
+        assert loss == pytest.approx(whole, abs=LOSS_TOL)
+        _same_grads(whole_grads, grads)
+    return whole
+
+
 @pytest.mark.parametrize("metrics", [False, True])
 def test_sft_compact_head_same_per_row_loss_and_gradients(tiny_family, tmp_path, metrics):
     trl_head = _sft(tiny_family, tmp_path, "trl")
@@ -196,21 +210,14 @@ def test_dpo_micro_batches_same_loss_and_gradients_as_the_whole_batch(tiny_famil
     nonzero_adapter(trainer.model)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 4, 9)])
-    whole_step = trainer.training_step
 
     def run(step):
         trainer.model.zero_grad()
         loss = float(step(trainer.model, dict(batch)))
         return loss, _lora_grads(trainer.model)
 
-    whole, whole_grads = run(whole_step)
+    whole = _micro_batches_match_the_whole(trainer, "dpo", (1, 2), run)
     assert abs(whole - 0.6931471805599453) > 1e-3
-    for pairs in (1, 2):
-        trainer.training_step = whole_step
-        speed.install_micro_batches(trainer, "dpo", pairs)
-        loss, grads = run(trainer.training_step)
-        assert loss == pytest.approx(whole, abs=LOSS_TOL)
-        _same_grads(whole_grads, grads)
     parts = speed.split_batch(dict(batch), "dpo", 2)
     assert [w for _, w in parts] == pytest.approx([2 / 3, 1 / 3])
     assert parts[1][0]["ref_chosen_logps"].shape[0] == 1 and parts[1][0]["input_ids"].shape[0] == 2
@@ -225,18 +232,11 @@ def test_sft_micro_batches_same_loss_and_gradients_as_the_whole_batch(tiny_famil
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 3, 8)])
     n_items = (batch["labels"][:, 1:] != -100).sum() if counted else None
-    whole_step = trainer.training_step
 
     def run(step):
         trainer.model.zero_grad()
         loss = float(step(trainer.model, dict(batch), n_items))
         return loss, _lora_grads(trainer.model)
 
-    whole, whole_grads = run(whole_step)
+    whole = _micro_batches_match_the_whole(trainer, "sft", (1, 2), run)
     assert whole > 1.0
-    for rows_per_pass in (1, 2):
-        trainer.training_step = whole_step
-        speed.install_micro_batches(trainer, "sft", rows_per_pass)
-        loss, grads = run(trainer.training_step)
-        assert loss == pytest.approx(whole, abs=LOSS_TOL)
-        _same_grads(whole_grads, grads)
