@@ -9,7 +9,10 @@ On a CUDA machine `auto` is the full TinyLlama-1.1B architecture; on CPU the sca
 ladder (bench_train.LADDER: users' recipe, each lever added on top of the previous, finesweep's defaults),
 every configuration `--repeats` times (default 3; the intermediate rungs `--ladder-repeats` times, default 1),
 medians; results in docs/benchmarks/<device>-smollm2/ (results.md, summary.json, train.json, meta.json,
-plot.png). The evaluator's real-model comparison is `python -m bench.bench_eval --compare`.
+plot.png); then the evaluation part (bench/pipeline_eval.py: the shipped pipeline's first SFT and DPO trials
+trained and evaluated `--repeats` times, evaluation against training, in pipeline_eval.json). `--skip-train` /
+`--skip-eval` reuse train.json / pipeline_eval.json. The evaluator's old-vs-new comparison on the real model is
+`python -m bench.bench_eval --compare`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import bench_eval, bench_train, report
+from . import bench_eval, bench_train, pipeline_eval, report
 
 
 def main() -> None:
@@ -52,8 +55,14 @@ def main() -> None:
             measured = report.meta(command.strip())
             measured["load_average_at_start"] = list(load_at_start)
             measured["load_average"] = list(load_at_start)
-        print(report.write_real(out, train, command.strip(), info=measured))
-        print(f"bench: results in {out}/ (results.md, plot.png, train.json, summary.json, meta.json)")
+        if args.skip_eval:
+            pipeline = json.loads((out / "pipeline_eval.json").read_text()) \
+                if (out / "pipeline_eval.json").exists() else None
+        else:
+            pipeline = pipeline_eval.run(out, args.repeats or 3)
+        print(report.write_real(out, train, command.strip(), info=measured, pipeline_eval=pipeline))
+        print(f"bench: results in {out}/ (results.md, plot.png, train.json, pipeline_eval.json, summary.json, "
+              "meta.json)")
         return
     if args.skip_train:
         train = json.loads((out / "train.json").read_text())

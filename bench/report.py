@@ -477,7 +477,8 @@ def real_plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_real(out_dir: Path, train: list[dict], command: str, info: dict | None = None) -> str:
+def write_real(out_dir: Path, train: list[dict], command: str, info: dict | None = None,
+               pipeline_eval: dict | None = None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     info = info or meta(command)
     info["model"] = "SmolLM2-135M-Instruct (build/smollm2-135m-instruct)"
@@ -486,6 +487,15 @@ def write_real(out_dir: Path, train: list[dict], command: str, info: dict | None
     summary = real_summary(train)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     text = real_markdown(train, summary, info)
+    if pipeline_eval:
+        from . import pipeline_eval as pe
+
+        summary["evaluation"] = pipeline_eval["summary"]
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        text += ("\nEvaluation against training (goal: at most 20%), the shipped pipeline's trials "
+                 f"(`{pipeline_eval['sweep']}`, first trial of each stage, trained and evaluated by the local runner "
+                 "in a fresh store each repeat; `bench/pipeline_eval.py`, every run in `pipeline_eval.json`):\n\n"
+                 + pe.markdown(pipeline_eval["summary"]) + "\n")
     header = (f"# Benchmark results: {out_dir.name} (real model)\n\nCommand: `{info['command']}`. Versions: "
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n\n")
     (out_dir / "results.md").write_text(header + text + "\n![plot](plot.png)\n")

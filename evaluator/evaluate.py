@@ -71,6 +71,7 @@ def evaluate_trial(spec: TrialSpec, store: ArtifactStore) -> dict:
     workdir = scratch_dir(f"eval-{spec.trial_id}")
     try:
         run = _load_model(spec, store, hw, workdir, label)
+        run.result["timings_s"] = {"model": round(time.time() - started, 2)}
         ev = spec.eval
         for set_name in set_names(ev):
             _step(run, store, f"set:{set_name}", lambda: _generation_set(run, set_name), required=set_name == ev.set)
@@ -124,6 +125,7 @@ def _step(run: _Evaluation, store: ArtifactStore, part: str, body, required: boo
     """Run one step; a failure is recorded in run.errors (and logged) instead of ending the evaluation, unless the
     step is `required` or the failure is an interruption (then eval.json is written without _DONE, and it is
     raised)."""
+    started = time.time()
     try:
         body()
     except Exception as err:  # noqa: BLE001 - recorded with its reason; re-raised below when it must end the run
@@ -135,6 +137,10 @@ def _step(run: _Evaluation, store: ArtifactStore, part: str, body, required: boo
             raise
         log.error("%s: %s failed (%s: %s); going on: eval.json keeps every other figure and records this error",
                   run.label, part, type(err).__name__, reason)
+    finally:
+        # Where the evaluation's time goes (eval.json timings_s: model build, each set, held-out, benchmark): the
+        # figures the report's Cost section and `make bench --model real` set against training.
+        run.result.setdefault("timings_s", {})[part] = round(time.time() - started, 2)
 
 
 def _generation_set(run: _Evaluation, set_name: str) -> None:
