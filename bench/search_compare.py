@@ -7,9 +7,9 @@ Every (strategy, seed) is a sweep YAML written into WORK (default: a new temp fo
 folder WORK/<strategy>-s<seed>/store by the project's own code path:
 - list, grid, random, tpe: `python -m submitter submit FILE --store DIR` (the local search loop for search
   sweeps, the plain local runner for the list), exactly what `make submit` runs;
-- tpe+asha: submitter.search_loop.run_search with the LocalBackend, asking one trial at a time (`max_new=1`, the
+- tpe+asha: submitter.engine.run_search with the LocalBackend, asking one trial at a time (`max_new=1`, the
   interrupted-run mode the resume test uses) for as long as one more full trial fits the step budget, then
-  submitter.search_loop.finish (best + report). The study is resumed from the store between asks.
+  submitter.engine.finish (best + report). The study is resumed from the store between asks.
 
 What the trials are, all read from jobs/gsm8k-sft-search.yaml (the production search), not restated here:
 - list: its five `trials:` t1..t5, with lr / r / alpha / target_modules / batch_size / dropout as written and
@@ -134,7 +134,7 @@ def run_job(strategy: str, seed: int, a) -> None:
     from finesweep.search import Search
     from finesweep.store import LocalStore
     from submitter.plan import load_plan
-    from submitter.search_loop import LocalBackend, finish, run_search
+    from submitter.engine import LocalBackend, finish, run_search
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")

@@ -1,7 +1,7 @@
 # The offline alternative to kind (included by the main Makefile): a single-node cluster from the pinned
 # Kubernetes release built from its Go modules, plus Debian's etcd/containerd/runc/CNI (scripts/cluster/).
 #   make cluster-up       bring it up (idempotent; the first time builds Kubernetes: ~5 min on 2 cores)
-#   make cluster-load     import the trainer and evaluator images into its containerd
+#   make cluster-load     import the trainer, evaluator and controller images into its containerd
 #   make cluster-down     tear it down; fails if a process, mount, network device or cgroup is left behind
 #   make cluster-dump     print what is needed to debug it (events, pod states, logs, component logs)
 #   make kueue            build (cached) and start Kueue on it (scripts/cluster/kueue.sh; cluster-down stops it)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import Counter
 
 from finesweep.spec import StartRef, resolve_sweep_path
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, end_attempt,
                              status_of, trial_prefix)
 
+from .engine import record_cluster_failures, sweep_specs
 from .plan import SweepPlan, load_plan, resolve_recorded_starts, resolve_start, select_best
 from .plan import project_dir
 
@@ -28,7 +28,7 @@ def submit(args, store: ArtifactStore) -> int:
     if args.backend == "k8s":  # settings first: a wrong flag is reported before the sweep file is even read
         from . import k8s_backend
 
-        settings = k8s_backend.load_settings(k8s_overrides(args))
+        settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
         k8s_backend.check_store_url(args.store, dry_run)
     # k8s: the controller resolves start points as earlier sweeps finish, so they may be missing now.
     plans = load_plan(args.sweep, store, allow_unresolved=dry_run or args.backend == "k8s")
@@ -52,7 +52,7 @@ def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
         if not plan.resolved:
             plan.start = resolve_start(plan.sweep, store)
         if plan.sweep.search is not None:  # a search sweep runs its own loop, report included
-            from .search_loop import submit_local
+            from .engine import submit_local
 
             failed += submit_local(plan, store, args.store, _max_attempts(args))
             continue
@@ -88,9 +88,13 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
         return 0
     import yaml
 
+    # The objects a submit creates, from the same functions with the same settings (the cluster's defaults read
+    # where a kubeconfig reaches one): what is printed is what a submit would create.
+    core = k8s_backend.dry_run_core(settings)
     sys.stdout.write(f"# finesweep dry run: the controller Job of pipeline {pipeline}, which creates the trial "
                      f"Jobs below in the cluster\n")
-    yaml.safe_dump_all(controller_manifests(pipeline, text, settings, args.store, _max_attempts(args)), sys.stdout,
+    yaml.safe_dump_all(controller_manifests(pipeline, text, k8s_backend.effective_settings(settings, None, core),
+                                            args.store, _max_attempts(args)), sys.stdout,
                        sort_keys=False, explicit_start=True, width=120)
     for plan in plans:
         if not plan.resolved:
@@ -99,7 +103,7 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
                   file=sys.stderr)
             plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
         k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=True,
-                           max_attempts=_max_attempts(args))
+                           max_attempts=_max_attempts(args), core=core)
     return 0
 
 
@@ -120,7 +124,7 @@ def cancel(args, store: ArtifactStore) -> int:
         return 0
     from . import k8s_backend
 
-    settings = k8s_backend.load_settings(k8s_overrides(args))
+    settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
     # The controller first: once it is gone nothing creates more trial Jobs.
     pipeline = resolve_sweep_path(args.sweep, project_dir() / "jobs").stem
     if k8s_backend.cancel_controller(pipeline, settings):
@@ -128,71 +132,13 @@ def cancel(args, store: ArtifactStore) -> int:
     for plan in plans:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
         stopped = 0
-        for spec in _specs(plan, store) if plan.resolved else []:
+        for spec in sweep_specs(plan, store) if plan.resolved else []:
             if status_of(store, spec).state is TrialState.RUNNING:
                 end_attempt(store, spec.sweep, spec.trial_id, "stopped")
                 stopped += 1
         log.info("sweep %s: %d Job(s) deleted, %d trial(s) marked stopped; finished trials stay in %s",
                  plan.sweep.name, len(deleted), stopped, store.url)
     return 0
-
-
-def k8s_overrides(args) -> dict:
-    overrides = {}
-    if getattr(args, "namespace", ""):
-        overrides["namespace"] = args.namespace
-    if getattr(args, "kube_context", ""):
-        overrides["kube_context"] = args.kube_context
-    return overrides
-
-
-def record_cluster_failures(plan: SweepPlan, store: ArtifactStore, rows: list[dict]) -> int:
-    """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep), a search sweep's
-    suggested trials included."""
-    from .k8s_backend import record_job_failures
-
-    return record_job_failures(store, _specs(plan, store), rows)
-
-
-def wait_for_sweep(plan: SweepPlan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
-                   on_poll=None):
-    """Block until every trial of `plan` has settled (done or failed in the store: finesweep.store.SETTLED),
-    then record the best. A trial re-created after a failure is running again, not settled. `on_poll` runs
-    before each check (the k8s backend records Jobs the cluster gave up on). A cancelled trial ends the wait
-    with an error: nothing will run it until the sweep is submitted again."""
-    deadline = time.time() + timeout_s
-    specs = plan.all_specs()
-    while True:
-        if on_poll is not None:
-            on_poll()
-        statuses = [status_of(store, s) for s in specs]
-        counts = Counter(st.state for st in statuses)
-        log.info("waiting for sweep %s: %d/%d done, %d failed, %d running", plan.sweep.name,
-                 counts[TrialState.DONE], len(specs), counts[TrialState.FAILED], counts[TrialState.RUNNING])
-        if counts[TrialState.STOPPED]:
-            raise SweepStopped(f"sweep {plan.sweep.name} was cancelled ({counts[TrialState.STOPPED]} trial(s) "
-                               f"stopped); submit it again to carry on")
-        if all(st.settled for st in statuses):
-            break
-        if time.time() > deadline:
-            raise TimeoutError(f"sweep {plan.sweep.name} did not finish in {timeout_s:.0f}s")
-        time.sleep(poll_s)
-    select_best(plan.sweep, store, plan.trials())
-
-
-class SweepStopped(RuntimeError):
-    pass
-
-
-def _specs(plan: SweepPlan, store: ArtifactStore) -> list:
-    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search). Every command
-    that looks trials up (status, cancel, logs) goes through here: plan.all_specs() alone misses the trials a
-    search suggested."""
-    if plan.sweep.search is None:
-        return plan.all_specs()
-    from .search_loop import study_specs
-
-    return study_specs(plan, store)
 
 
 def status(args, store: ArtifactStore) -> int:
@@ -202,7 +148,7 @@ def status(args, store: ArtifactStore) -> int:
     if args.backend == "k8s":
         from . import k8s_backend
 
-        settings = k8s_backend.load_settings(k8s_overrides(args))
+        settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
         for plan in plans:
             rows = k8s_backend.status(plan.sweep.name, settings)
             phases.update({row["trial_id"]: row for row in rows})
@@ -218,7 +164,7 @@ def status(args, store: ArtifactStore) -> int:
             continue
         header = f"  {'trial':<16} {'id':<16} {'state':<9} {'tries':>5} {'job':<10} {'BLEU':>7} {metric:>20}  note"
         print(header)
-        for spec in _specs(plan, store):
+        for spec in sweep_specs(plan, store):
             prefix = trial_prefix(spec.sweep, spec.trial_id)
             st = status_of(store, spec)
             note, bleu, value = "", "", ""
@@ -231,7 +177,7 @@ def status(args, store: ArtifactStore) -> int:
             elif st.failure is not None:
                 note = f"{st.failure.phase}: {st.failure.reason}"
             elif st.state is TrialState.PRUNED:
-                from .search_loop import pruned_note
+                from .engine import pruned_note
 
                 note = pruned_note(store, spec)
             job = phases.get(spec.trial_id, {}).get("phase", "") if phases else ""
@@ -263,7 +209,7 @@ def report(args, store: ArtifactStore) -> int:
             log.info("sweep %s: start point not in the store yet; no report", plan.sweep.name)
             continue
         if plan.sweep.search is not None:
-            from .search_loop import finish
+            from .engine import finish
 
             finish(plan.sweep, store, plan.start)
             continue
@@ -289,7 +235,7 @@ def logs(args, store: ArtifactStore) -> int:
     if args.backend == "k8s":
         from . import k8s_backend
 
-        settings = k8s_backend.load_settings(k8s_overrides(args))
+        settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
         for plan in plans:
             trial = _match_trial(plan, store, args.trial) if args.trial else None
             if args.trial and trial is None:
@@ -300,7 +246,7 @@ def logs(args, store: ArtifactStore) -> int:
     for plan in plans:
         if not plan.resolved:
             continue
-        for spec in _specs(plan, store):
+        for spec in sweep_specs(plan, store):
             if args.trial and args.trial not in (spec.name, spec.trial_id):
                 continue
             for phase in ("train", "eval"):
@@ -320,5 +266,5 @@ def logs(args, store: ArtifactStore) -> int:
 def _match_trial(plan: SweepPlan, store: ArtifactStore, wanted: str) -> str | None:
     if not plan.resolved:
         return None
-    return next((s.trial_id for s in _specs(plan, store) if wanted in (s.name, s.trial_id)), None)
+    return next((s.trial_id for s in sweep_specs(plan, store) if wanted in (s.name, s.trial_id)), None)
 

@@ -4,7 +4,7 @@
 
 For each sweep of the file, in order: resolve its start point from the store once the previous sweep has
 settled (plan.resolve_start), create its trial Jobs under max_parallel (k8s_backend.submit, waiting for
-slots), wait until every trial has settled in the store (commands.wait_for_sweep, which records Jobs the
+slots), wait until every trial has settled in the store (engine.wait_for_sweep, which records Jobs the
 cluster gave up on and selects the best), then write the sweep's report (evaluator.report: no torch).
 
 Takeover: everything the loop decides comes from the store and the API. Trial Jobs have deterministic names
@@ -12,9 +12,9 @@ per trial and attempt and are created with a 409 meaning "exists", and the store
 name before the Job is created, so a replacement pod (its Job's podReplacementPolicy: Failed starts it only
 once the old pod is gone) finds what its predecessor made and never creates a trial's Job twice.
 
-A search sweep (`search:`) runs submitter/search_loop.run_search with K8sSearchBackend: a trial is scheduled
+A search sweep (`search:`) runs submitter/engine.run_search with K8sSearchBackend: a trial is scheduled
 by creating its current attempt's Job (idempotently, by name), pruning is decided by the trial's trainer at its
-evaluation from the study in the store (finesweep.search.decide_at_evaluation), and the loop's wait polls the cluster for Jobs it gave up on; then search_loop.finish selects and reports.
+evaluation from the study in the store (finesweep.search.decide_at_evaluation), and the loop's wait polls the cluster for Jobs it gave up on; then engine.finish selects and reports.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ log = logging.getLogger("finesweep")
 def controller(args, store: ArtifactStore) -> int:
     """The command: 0 when every trial of every sweep is done, 1 when some failed or the sweep was cancelled."""
     from . import k8s_backend
-    from .commands import k8s_overrides
 
-    settings = k8s_backend.load_settings(k8s_overrides(args))
+    settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
     k8s_backend.check_store_url(args.store, dry_run=False)
     started = time.time()
     plans = load_plan(args.sweep_file, store, allow_unresolved=True)
@@ -86,7 +85,7 @@ def _transient(err: Exception) -> bool:
 def _run_sweep(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int | None:
     """One sweep to its end: the number of failed trials, or None when it was cancelled."""
     from . import k8s_backend
-    from .commands import SweepStopped, record_cluster_failures, wait_for_sweep
+    from .engine import SweepStopped, record_cluster_failures, wait_for_sweep
 
     from evaluator.report import build_report
 
@@ -123,7 +122,7 @@ def _run_sweep(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings
 
 def _run_search(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int:
     """A search sweep: the shared loop with Jobs as its backend, then best and report. Returns failed trials."""
-    from .search_loop import finish, run_search
+    from .engine import finish, run_search
 
     log.info("%s: search, %d trial(s) at a time", stage, plan.sweep.search.parallel)
     backend = K8sSearchBackend(store, args.store, settings, args.max_attempts, stage, plan.sweep)
@@ -136,7 +135,7 @@ def _run_search(stage: str, plan: SweepPlan, store: ArtifactStore, args, setting
 
 
 class K8sSearchBackend:
-    """search_loop.Backend on Kubernetes: one Job per trial and attempt, created only once (its name is
+    """engine.Backend on Kubernetes: one Job per trial and attempt, created only once (its name is
     deterministic and the store records the attempt's Job name before the Job exists, so a replacement
     controller creates the Job its predecessor may not have, and never a second one)."""
 
@@ -145,20 +144,17 @@ class K8sSearchBackend:
     def __init__(self, store: ArtifactStore, store_url: str, settings, max_attempts: int, stage: str = "",
                  sweep=None):
         from . import k8s_backend
-        from .k8s_manifests import with_sweep_tracking
 
         self.store, self.store_url, self.max_attempts, self.stage = store, store_url, max_attempts, stage
         self.batch, self.core = k8s_backend._clients(settings)
-        if settings.use_cluster_defaults:
-            settings = k8s_backend.with_cluster_defaults(settings, self.core)
-        self.settings = with_sweep_tracking(settings, sweep)
+        self.settings = k8s_backend.effective_settings(settings, sweep, self.core)
         self.scheduled: dict[str, object] = {}
 
     def schedule(self, spec) -> None:
         from finesweep.store import NextAction, next_action, over_limit_note, start_attempt
 
         from . import k8s_backend
-        from .k8s_manifests import job_name
+        from .k8s_manifests import job_name, trial_objects
 
         self.scheduled[spec.trial_id] = spec
         status = status_of(self.store, spec)
@@ -180,7 +176,8 @@ class K8sSearchBackend:
             status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name, job=job_name(spec, 1))
         attempt = max(status.attempt, 1)
         name = job_name(spec, attempt)
-        created = k8s_backend._create_trial(self.batch, self.core, spec, self.settings, self.store_url, attempt)
+        created = k8s_backend.create_trial_objects(self.batch, self.core,
+                                                   trial_objects(spec, self.settings, self.store_url, attempt))
         log.info("%s: trial %s (%s): %s job %s", self.stage, spec.name, spec.trial_id,
                  "created" if created else "exists,", name)
 

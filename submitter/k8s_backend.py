@@ -11,8 +11,10 @@ whose current attempt failed, below the attempt limit: the failed attempt's Job 
 attempt n gets a Job of its own name (`<sweep>-<trial id>-a<n>`, finesweep.io/attempt label), so no attempt's
 Job is ever created twice. Preemptions are retried inside the Job (podFailurePolicy) and are no attempt.
 
-Manifests come from submitter/k8s_manifests.py (pure). Everything here that needs `kubernetes` imports it
-inside the function, so the dry-run path never loads a kubeconfig or opens a connection.
+Manifests come from submitter/k8s_manifests.py (pure); a dry run prints the very objects a submit creates
+(trial_objects, controller_manifests, built with effective_settings by both). Everything here that needs
+`kubernetes` imports it inside the function; a dry run opens a connection only to read the cluster's
+finesweep-defaults ConfigMap, and only where a kubeconfig exists (dry_run_core).
 
 Concurrency: one Job per trial, and at most `sweep.max_parallel` unfinished Jobs of a sweep exist at a time.
 `submit` creates the first ones, then (settings.wait_for_slots) watches the sweep's Jobs and creates the next
@@ -22,8 +24,10 @@ skipped. See docs/kubernetes.md.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -37,9 +41,9 @@ from finesweep.store import DEFAULT_MAX_ATTEMPTS, TrialState, TrialStatus, failu
 from submitter.cluster_settings import DEFAULT_NAMESPACE, chart_values
 from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
-    CONTROLLER_CONTAINER, ClusterSettings, SettingsError, configmap_name, controller_manifests, controller_name,
+    CONTROLLER_CONTAINER, ClusterSettings, SettingsError, controller_manifests, controller_name,
     job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
-    sweep_selector, trial_configmap, trial_job, with_sweep_tracking)
+    sweep_selector, trial_objects, with_sweep_tracking)
 
 DEFAULTS_CONFIGMAP = "finesweep-defaults"  # rendered by charts/finesweep/templates/defaults-configmap.yaml
 DEFAULTS_KEY = "defaults.json"
@@ -54,6 +58,17 @@ def load_settings(overrides: dict | None = None) -> ClusterSettings:
     overrides = dict(overrides or {})
     namespace = overrides.get("namespace", DEFAULT_NAMESPACE)
     return settings_from_defaults(resolved_defaults(chart_values(), namespace=namespace), overrides=overrides)
+
+
+def overrides_from(args) -> dict:
+    """The cluster settings a command line sets (--namespace, --kube-context), for load_settings; the submitter's
+    commands and the controller parse the same flags."""
+    overrides = {}
+    if getattr(args, "namespace", ""):
+        overrides["namespace"] = args.namespace
+    if getattr(args, "kube_context", ""):
+        overrides["kube_context"] = args.kube_context
+    return overrides
 
 
 def with_cluster_defaults(settings: ClusterSettings, core: Any, err: TextIO | None = None) -> ClusterSettings:
@@ -75,6 +90,47 @@ def with_cluster_defaults(settings: ClusterSettings, core: Any, err: TextIO | No
     return settings_from_defaults(file_defaults, cluster, overrides=dict(settings.overrides))
 
 
+def effective_settings(settings: ClusterSettings, sweep: Sweep | None, core: Any | None,
+                       err: TextIO | None = None) -> ClusterSettings:
+    """The settings a submit builds its objects with: the cluster's finesweep-defaults ConfigMap layered in
+    (with_cluster_defaults; when `core` is given and submitter.useClusterDefaults is on), then the sweep's tracking
+    (with_sweep_tracking). A dry run, a submit and the controller all build through this, so what a dry run prints
+    is what they create."""
+    if core is not None and settings.use_cluster_defaults:
+        settings = with_cluster_defaults(settings, core, err)
+    return with_sweep_tracking(settings, sweep)
+
+
+def dry_run_core(settings: ClusterSettings, err: TextIO | None = None) -> Any | None:
+    """The CoreV1Api a dry run reads the cluster's finesweep-defaults with (it reads that one ConfigMap, and
+    creates, changes or deletes nothing), so it prints the objects a submit would create there. None, with a note,
+    where the defaults are off or no cluster is configured (no kubeconfig, no in-cluster service account) or it
+    cannot be read: the objects then use the chart's values.yaml, as a submit to a cluster without the chart
+    would."""
+    err = sys.stderr if err is None else err
+    if not settings.use_cluster_defaults:
+        return None
+    kubeconfigs = (os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")).split(os.pathsep)
+    if not (os.environ.get("KUBERNETES_SERVICE_HOST") or any(os.path.isfile(p) for p in kubeconfigs if p)):
+        print("note: no kubeconfig: the objects below use the chart's values.yaml defaults; a submit to a cluster "
+              "layers that cluster's finesweep-defaults ConfigMap (helm install's values) over them", file=err)
+        return None
+    try:
+        core = _clients(settings)[1]
+        from kubernetes.client.exceptions import ApiException
+
+        try:  # reachable? (what is in it, or that it is missing, with_cluster_defaults reads and says)
+            core.read_namespaced_config_map(DEFAULTS_CONFIGMAP, settings.namespace, _preload_content=False,
+                                            _request_timeout=10)
+        except ApiException:
+            pass
+        return core
+    except Exception as exc:  # noqa: BLE001 - a dry run goes on offline, and says so
+        print(f"note: the cluster could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): the "
+              f"objects below use the chart's values.yaml defaults, not the cluster's finesweep-defaults", file=err)
+        return None
+
+
 # ------------------------------------------------------------------------------------------------ submit
 
 def check_store_url(store_url: str, dry_run: bool) -> bool:
@@ -90,7 +146,8 @@ def check_store_url(store_url: str, dry_run: bool) -> bool:
 
 def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: ClusterSettings, dry_run: bool,
            out: TextIO | None = None, *, err: TextIO | None = None,
-           sleep: Callable[[float], None] = time.sleep, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[str]:
+           sleep: Callable[[float], None] = time.sleep, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+           core: Any | None = None) -> list[str]:
     """Create a ConfigMap + Job per trial not yet done, at most `sweep.max_parallel` unfinished at a time.
 
     A trial whose current attempt failed is retried (until it has failed `max_attempts` times): its old Job
@@ -98,7 +155,9 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
     exist for a trial's current attempt (pending, running, done) are left alone.
 
     Returns the names of the Jobs created (dry_run: the Jobs that would be created). Progress lines go to
-    `out`; a dry run instead prints one YAML stream of every manifest to `out` and touches no cluster.
+    `out`; a dry run instead prints one YAML stream of every object (k8s_manifests.trial_objects, what a submit
+    creates) to `out` and writes nothing to a cluster; `core` (dry_run_core) is where it reads the cluster's
+    defaults, None for the chart's.
     out/err default to sys.stdout/sys.stderr as they are at call time."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -113,8 +172,8 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
             if step.retry_of:
                 print(f"{_who(step.spec)}: {step.replaces()}: a submit deletes job "
                       f"{job_name(step.spec, step.retry_of)} and runs attempt {step.attempt}", file=err)
-        manifests = sweep_manifests([s.spec for s in steps], with_sweep_tracking(settings, sweep), store_url,
-                                    {s.spec.trial_id: s.attempt for s in steps})
+        manifests = sweep_manifests([s.spec for s in steps], effective_settings(settings, sweep, core, err),
+                                    store_url, {s.spec.trial_id: s.attempt for s in steps})
         names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
         out.write(f"# finesweep dry run: sweep {sweep.name}, {len(names)} Job(s) in namespace "
                   f"{settings.namespace}; the submitter keeps at most {sweep.max_parallel} unfinished at a time.\n")
@@ -125,9 +184,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
 
     store = open_store(store_url)
     batch, core = _clients(settings)
-    if settings.use_cluster_defaults:
-        settings = with_cluster_defaults(settings, core, err)
-    settings = with_sweep_tracking(settings, sweep)
+    settings = effective_settings(settings, sweep, core, err)
     # Jobs the cluster gave up on first: their failure must be in the store before deciding what to retry.
     record_job_failures(store, trials, status(sweep.name, settings))
     selector = sweep_selector(sweep.name)
@@ -145,7 +202,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
             print(f"{_who(spec)}: {step.replaces()}: deleted job {old}, running attempt {step.attempt}", file=out)
             existing.pop(old, None)
         if name in existing:
-            _ensure_configmap(core, spec, settings, existing[name], step.attempt)
+            _ensure_configmap(core, trial_objects(spec, settings, store_url, step.attempt)[1], existing[name])
             print(f"{_who(spec)}: exists (job {name}, {_job_phase(existing[name])})", file=out)
         else:
             pending.append(step)
@@ -173,7 +230,7 @@ def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: Clus
             # Recorded before the Job exists: a submit interrupted in between finds the attempt and the Job
             # name it is for, and creates that Job (never a second one).
             start_attempt(store, step.spec.sweep, step.spec.trial_id, "k8s", job=name)
-            if _create_trial(batch, core, step.spec, settings, store_url, step.attempt):
+            if create_trial_objects(batch, core, trial_objects(step.spec, settings, store_url, step.attempt)):
                 created.append(name)
                 print(f"{_who(step.spec)}: created job {name}", file=out)
             else:
@@ -298,9 +355,8 @@ def submit_controller(pipeline: str, sweep_text: str, store_url: str, settings: 
     created | exists | replaced)."""
     out = sys.stdout if out is None else out
     batch, core = _clients(settings)
-    if settings.use_cluster_defaults:
-        settings = with_cluster_defaults(settings, core, out)
-    configmap, job = controller_manifests(pipeline, sweep_text, settings, store_url, max_attempts)
+    configmap, job = controller_manifests(pipeline, sweep_text, effective_settings(settings, None, core, out),
+                                          store_url, max_attempts)
     name = job["metadata"]["name"]
     action = "created"
     current = _read_job(batch, name, settings.namespace)
@@ -411,56 +467,59 @@ def _delete_ignoring_404(delete: Callable[..., Any], name: str, namespace: str, 
         return False
 
 
-def _create_trial(batch: Any, core: Any, spec: TrialSpec, settings: ClusterSettings, store_url: str,
-                  attempt: int = 1) -> bool:
-    """Job first, then its spec ConfigMap owned by the Job, so that deleting the Job (by hand or by
-    ttlSecondsAfterFinished) garbage-collects the ConfigMap too. The pod waits for the volume in the few ms in
-    between. False when the Job already existed (someone else created it meanwhile)."""
+def create_trial_objects(batch: Any, core: Any, objects: list[dict]) -> bool:
+    """Create one trial attempt's objects (k8s_manifests.trial_objects, the list a dry run prints): the Job, then
+    its ConfigMap with the created Job's uid as its owner's. The pod waits for the volume in the few ms in between.
+    False when the Job already existed (someone else created it meanwhile)."""
     from kubernetes.client.exceptions import ApiException
 
+    job_body, configmap = objects
+    namespace = job_body["metadata"]["namespace"]
     try:
-        job = _json(batch.create_namespaced_job(settings.namespace, trial_job(spec, settings, store_url, attempt),
-                                                _preload_content=False))
+        job = _json(batch.create_namespaced_job(namespace, job_body, _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
             return False
         raise
     try:
-        _create_configmap(core, spec, settings, job, attempt)
+        _create_configmap(core, configmap, job)
     except Exception:
         # A Job without its spec would wait for the volume forever: take it back, then report.
-        batch.delete_namespaced_job(job["metadata"]["name"], settings.namespace, propagation_policy="Background")
+        batch.delete_namespaced_job(job["metadata"]["name"], namespace, propagation_policy="Background")
         raise
     return True
 
 
-def _create_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict, attempt: int = 1) -> None:
+def _create_configmap(core: Any, configmap: dict, job: dict) -> None:
+    """The trial's ConfigMap (trial_objects' second object) owned by the created `job`."""
     from kubernetes.client.exceptions import ApiException
 
-    body = trial_configmap(spec, settings, attempt)
-    # No blockOwnerDeletion: setting it needs update rights on jobs/finalizers, which the submitter lacks.
-    body["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
-                                            "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}]
+    body = copy.deepcopy(configmap)
+    (owner,) = body["metadata"]["ownerReferences"]
+    assert owner["name"] == job["metadata"]["name"], (owner, job["metadata"]["name"])
+    owner["uid"] = job["metadata"]["uid"]
+    namespace = body["metadata"]["namespace"]
     try:
-        core.create_namespaced_config_map(settings.namespace, body, _preload_content=False)
+        core.create_namespaced_config_map(namespace, body, _preload_content=False)
     except ApiException as exc:
         if exc.status != 409:
             raise
         # Left over from a Job deleted before the garbage collector ran; it is immutable, so replace it.
-        core.delete_namespaced_config_map(body["metadata"]["name"], settings.namespace)
-        core.create_namespaced_config_map(settings.namespace, body, _preload_content=False)
+        core.delete_namespaced_config_map(body["metadata"]["name"], namespace)
+        core.create_namespaced_config_map(namespace, body, _preload_content=False)
 
 
-def _ensure_configmap(core: Any, spec: TrialSpec, settings: ClusterSettings, job: dict, attempt: int = 1) -> None:
+def _ensure_configmap(core: Any, configmap: dict, job: dict) -> None:
     """Repair a submit interrupted between creating a Job and its ConfigMap."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        core.read_namespaced_config_map(configmap_name(spec, attempt), settings.namespace, _preload_content=False)
+        core.read_namespaced_config_map(configmap["metadata"]["name"], configmap["metadata"]["namespace"],
+                                        _preload_content=False)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        _create_configmap(core, spec, settings, job, attempt)
+        _create_configmap(core, configmap, job)
 
 
 # ------------------------------------------------------------------------------------------------ status

@@ -220,11 +220,28 @@ def with_sweep_tracking(settings: ClusterSettings, sweep: Any | None) -> Cluster
     return dataclasses.replace(settings, extra_env=kept + tuple({"name": k, "value": v} for k, v in env.items()))
 
 
+# The uid of the Job that owns a trial's ConfigMap exists only once the Job does: the one value of a trial's objects
+# a dry run cannot know. The submit puts the created Job's uid in its place (k8s_backend.create_trial_objects).
+OWNER_UID_AT_CREATION = "(the Job's uid, set when the Job is created)"
+
+
+def trial_objects(spec: TrialSpec, settings: ClusterSettings, store_url: str, attempt: int = 1) -> list[dict]:
+    """The objects of one trial attempt, in the order a submit creates them: the Job, then its spec ConfigMap
+    owned by the Job (deleting the Job, by hand or by ttlSecondsAfterFinished, garbage-collects the ConfigMap).
+    A dry run prints exactly these; a submit creates exactly these, filling in the owner's uid."""
+    job = trial_job(spec, settings, store_url, attempt)
+    configmap = trial_configmap(spec, settings, attempt)
+    # No blockOwnerDeletion: setting it needs update rights on jobs/finalizers, which the submitter lacks.
+    configmap["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
+                                                 "name": job["metadata"]["name"], "uid": OWNER_UID_AT_CREATION}]
+    return [job, configmap]
+
+
 def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, store_url: str,
                     attempts: dict[str, int] | None = None) -> list[dict]:
-    """ConfigMap then Job for every trial, in the order given (the submitter creates them in this order);
-    `attempts` maps trial ids to the attempt a Job is for (default 1). Raises ValueError when two trials would
-    get the same Job name."""
+    """trial_objects (Job, then its ConfigMap) for every trial, in the order given (the order the submitter
+    creates them in); `attempts` maps trial ids to the attempt a Job is for (default 1). Raises ValueError when
+    two trials would get the same Job name."""
     manifests, seen = [], {}
     attempts = attempts or {}
     for spec in trials:
@@ -235,8 +252,7 @@ def sweep_manifests(trials: Iterable[TrialSpec], settings: ClusterSettings, stor
                 continue  # the same trial listed twice (e.g. a shared reference row): one Job
             raise ValueError(f"trials {seen[name]} and {spec.trial_id} would both be Job {name}")
         seen[name] = spec.trial_id
-        manifests.append(trial_configmap(spec, settings, attempt))
-        manifests.append(trial_job(spec, settings, store_url, attempt))
+        manifests += trial_objects(spec, settings, store_url, attempt)
     return manifests
 
 

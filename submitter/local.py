@@ -61,7 +61,7 @@ def _noise(line: str) -> bool:
 
 def tracking_env(sweep: Sweep) -> dict[str, str] | None:
     """The sweep's `tracking:` block as its trials' MLFLOW_* settings (TrackingSpec.env), for run_phase. Every
-    loop that runs trials on this machine (run_sweep, search_loop.LocalBackend) takes them from here, so a list
+    loop that runs trials on this machine (run_sweep, engine.LocalBackend) takes them from here, so a list
     trial and a search trial of the same file are tracked alike."""
     return sweep.tracking.env(sweep.name) if sweep.tracking else None
 

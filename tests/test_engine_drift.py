@@ -1,5 +1,5 @@
 """Regressions of the loops that drive sweeps drifting apart: the list/grid loop (submitter/local.py run_sweep)
-and the search loop (submitter/search_loop.py) must run a trial the same way (tracking settings, retries),
+and the search loop (submitter/engine.py) must run a trial the same way (tracking settings, retries),
 the commands must see a search's trials wherever they see a list's (status, cancel, logs), and a search space
 must vary only what the stage's trainer reads. The trainer and evaluator are stubs here: the rules, not the
 training."""
@@ -16,7 +16,7 @@ from finesweep import store as st
 from finesweep.search import Search
 from finesweep.spec import SweepError, load_sweeps, parse_sweep
 from finesweep.store import LocalStore, TrialState, read_status
-from submitter import commands, local, search_loop
+from submitter import commands, local, engine
 from submitter.plan import SweepPlan
 
 from .conftest import FIXTURES, ROOT
@@ -91,14 +91,14 @@ def phases(monkeypatch):
     monkeypatch.setattr(local, "run_phase", fake)
     # Selection and the report read real evaluator output; they are not what these tests are about.
     monkeypatch.setattr(local, "select_best", lambda *a, **k: None)
-    monkeypatch.setattr(search_loop, "finish", lambda *a, **k: [])
+    monkeypatch.setattr(engine, "finish", lambda *a, **k: [])
     return fake
 
 
 # ------------------------------------------------------------------------- 1. tracking settings, both loops
 
 def test_search_trials_get_the_same_tracking_settings_as_list_trials(store, phases):
-    """Bug: a local search sweep's trials ran without the sweep's MLFLOW_* settings (search_loop.LocalBackend
+    """Bug: a local search sweep's trials ran without the sweep's MLFLOW_* settings (engine.LocalBackend
     called run_phase without them), while the list/grid loop passed them."""
     listed = sweep_from(BASE + TRACKING)
     local.run_sweep(SweepPlan(listed, None), store, str(store.root))
@@ -107,7 +107,7 @@ def test_search_trials_get_the_same_tracking_settings_as_list_trials(store, phas
 
     phases.calls.clear()
     searched = sweep_from(search_text(budget=3, extra=TRACKING), name="drift-search")
-    assert search_loop.submit_local(SweepPlan(searched, None), store, str(store.root)) == 0
+    assert engine.submit_local(SweepPlan(searched, None), store, str(store.root)) == 0
     assert phases.trained(), "the search ran its trials"
     expected = searched.tracking.env(searched.name)
     assert expected["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
@@ -120,7 +120,7 @@ def test_the_tracking_env_comes_from_one_function(monkeypatch, store, phases):
     marker = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "FINESWEEP_MARK": "shared"}
     monkeypatch.setattr(local, "tracking_env", lambda sweep: marker)
     local.run_sweep(SweepPlan(sweep_from(BASE), None), store, str(store.root))
-    search_loop.submit_local(SweepPlan(sweep_from(search_text(), name="drift-search"), None), store,
+    engine.submit_local(SweepPlan(sweep_from(search_text(), name="drift-search"), None), store,
                              str(store.root))
     assert phases.calls and all(env == marker for _, _, env in phases.calls)
 
@@ -164,24 +164,24 @@ def test_a_failed_search_trial_is_retried_on_resubmit_up_to_max_attempts(store, 
     flaky = sweep.trial_specs()[0]
     phases.failing.add(flaky.trial_id)
 
-    assert search_loop.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
     assert phases.trained().count(flaky.trial_id) == 1
     phases.calls.clear()
-    assert search_loop.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
     assert phases.trained() == [flaky.trial_id], "a resubmit retries exactly the failed trial"
     assert read_status(store, flaky.sweep, flaky.trial_id).failed_attempts == 2
     phases.calls.clear()
-    assert search_loop.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
     assert phases.trained() == [], "at the limit: not run again"
     phases.failing.clear()
-    assert search_loop.submit_local(plan, store, str(store.root), max_attempts=3) == 0
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=3) == 0
     assert phases.trained() == [flaky.trial_id]
     final = read_status(store, flaky.sweep, flaky.trial_id)
     assert (final.state, final.attempt, [a.outcome for a in final.attempts]) == \
         (TrialState.DONE, 3, ["failed", "failed", "done"])
 
 
-def test_list_and_search_loops_retry_alike(store, phases):
+def test_list_and_engines_retry_alike(store, phases):
     """The same failing trial under the same limit, run by each loop: the same attempts, the same end state."""
     outcomes = {}
     for kind, text in (("list", BASE), ("search", search_text(budget=2))):
@@ -192,7 +192,7 @@ def test_list_and_search_loops_retry_alike(store, phases):
             if kind == "list":
                 local.run_sweep(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
             else:
-                search_loop.submit_local(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
+                engine.submit_local(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
         status = read_status(store, flaky.sweep, flaky.trial_id)
         outcomes[kind] = (status.state, status.attempt, [a.outcome for a in status.attempts])
     assert outcomes["list"] == outcomes["search"] == (TrialState.FAILED, 2, ["failed", "failed"])

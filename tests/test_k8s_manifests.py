@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from finesweep import exitcodes
-from finesweep.spec import StartRef, TrialSpec, load_sweeps, trial_from_dict
+from finesweep.spec import StartRef, TrackingSpec, TrialSpec, load_sweeps, trial_from_dict
 from submitter import cluster_settings as cs
 from submitter import k8s_backend
 from submitter import k8s_manifests as km
@@ -272,7 +272,7 @@ def test_labels_annotations_and_names(sweeps, settings):
     for sweep in sweeps:
         trials = trials_of(sweep)
         manifests = km.sweep_manifests(trials, settings, STORE_URL)
-        for spec, configmap, job in zip(trials, manifests[0::2], manifests[1::2]):
+        for spec, job, configmap in zip(trials, manifests[0::2], manifests[1::2]):
             name = job["metadata"]["name"]
             assert name == km.job_name(spec) and DNS1123_LABEL.match(name) and len(name) <= 63
             names.append(name)
@@ -310,7 +310,7 @@ def test_stage_layout_train_init_then_eval(example_sweeps, settings):
     for sweep in example_sweeps:
         trials = trials_of(sweep)
         manifests = km.sweep_manifests(trials, settings, STORE_URL)
-        for spec, configmap, job in zip(trials, manifests[0::2], manifests[1::2]):
+        for spec, job, configmap in zip(trials, manifests[0::2], manifests[1::2]):
             pod = job["spec"]["template"]["spec"]
             (main,) = pod["containers"]
             assert main["name"] == "eval" and main["image"] == "finesweep/evaluator:0.1.0"
@@ -478,9 +478,9 @@ def test_cluster_defaults_sit_between_chart_and_overrides(fake_cluster):
 
 # ------------------------------------------------------------------------------------------ dry run
 
-def test_dry_run_prints_one_stream_and_touches_no_cluster(tmp_path):
-    """In a fresh interpreter with a kubeconfig that does not exist: the stream comes out, and the
-    `kubernetes` package is never even imported."""
+def test_dry_run_without_a_kubeconfig_prints_one_stream_and_touches_no_cluster(tmp_path):
+    """In a fresh interpreter with a kubeconfig that does not exist: the stream comes out (the chart's defaults,
+    said in a note), and the `kubernetes` package is never even imported."""
     path = tmp_path / "example.yaml"
     path.write_text(EXAMPLE_PIPELINE)
     store = tmp_path / "store"
@@ -490,7 +490,9 @@ from finesweep.spec import load_sweeps, StartRef
 from submitter import k8s_backend
 sweep = load_sweeps({str(path)!r})[0]
 trials = sweep.trial_specs() + sweep.reference_specs()
-names = k8s_backend.submit(sweep, trials, {str(store)!r}, k8s_backend.load_settings(), dry_run=True)
+settings = k8s_backend.load_settings()
+names = k8s_backend.submit(sweep, trials, {str(store)!r}, settings, dry_run=True,
+                           core=k8s_backend.dry_run_core(settings))
 print("RESULT", len(names), any(m.startswith("kubernetes") for m in sys.modules), file=sys.stderr)
 """
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
@@ -499,9 +501,10 @@ print("RESULT", len(names), any(m.startswith("kubernetes") for m in sys.modules)
     assert proc.returncode == 0, proc.stderr
     assert "RESULT 3 False" in proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"] * 3
+    assert [d["kind"] for d in docs] == ["Job", "ConfigMap"] * 3  # the order a submit creates them in
     assert proc.stdout.startswith("# finesweep dry run: sweep sft, 3 Job(s)")
     assert "not s3://" in proc.stderr  # a local folder is no store for pods: said, not hidden
+    assert "no kubeconfig: the objects below use the chart's values.yaml defaults" in proc.stderr
     assert not (tmp_path / "no-such-kubeconfig").exists()
 
 
@@ -685,6 +688,37 @@ def local_store(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_dry_run_prints_exactly_the_objects_submit_creates(fake_cluster, local_store, example_sweeps, settings):
+    """One build for both (TorchX's dryrun/schedule): with the cluster's finesweep-defaults in place and a tracked
+    sweep, the dry run's stream is object for object what the submit then creates, in the same order; the only
+    difference is the owner's uid, which exists once the Job does."""
+    doc = {"jobs": {"shmSize": "768Mi"}, "s3": {"endpoint": "http://minio.dev:9000"}}
+    fake_cluster.configmaps["finesweep-defaults"] = {"metadata": {"name": "finesweep-defaults"},
+                                                     "data": {"defaults.json": json.dumps(doc)}}
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=5)
+    sweep = dataclasses.replace(sweep, tracking=TrackingSpec(mlflow_uri="http://mlflow.example:5000"))
+    out = io.StringIO()
+    planned = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out,
+                                 err=io.StringIO(), core=fake_cluster)
+    printed = [d for d in yaml.safe_load_all(out.getvalue()) if d is not None]
+    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
+                                 err=io.StringIO())
+    assert created == planned and len(printed) == 2 * len(created)
+    live = []
+    for name in created:  # the order the submit created them in: each Job, then its ConfigMap
+        job = copy.deepcopy(fake_cluster.jobs[name])
+        configmap = copy.deepcopy(fake_cluster.configmaps[f"{name}-spec"])
+        assert configmap["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        configmap["metadata"]["ownerReferences"][0]["uid"] = km.OWNER_UID_AT_CREATION
+        del job["metadata"]["uid"], job["status"]
+        live += [job, configmap]
+    assert printed == live
+    # the cluster's defaults and the sweep's tracking reached both
+    env = {e["name"]: e.get("value") for e in pod_containers(printed[0])[-1]["env"]}
+    assert env["FINESWEEP_S3_ENDPOINT"] == "http://minio.dev:9000" and "MLFLOW_TRACKING_URI" in env
+    assert "768Mi" in json.dumps(printed[0])
+
+
 def test_submit_creates_job_then_owned_configmap_and_is_idempotent(fake_cluster, local_store, example_sweeps,
                                                                      settings):
     sweep = example_sweeps[0]  # max_parallel 2, 3 trials
@@ -805,7 +839,7 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
     """An OOMKilled pod cannot write its own _FAILED marker: the submitter writes it, so status, report and a
     pipeline waiting on the sweep see the failure (instead of waiting for a marker that never comes)."""
     from finesweep.store import LocalStore, trial_state
-    from submitter import commands
+    from submitter import engine
     from submitter.plan import SweepPlan
 
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
@@ -820,13 +854,13 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
                                   {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, {"waiting": {}}))
     store = LocalStore(local_store)
 
-    assert commands.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 1
+    assert engine.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 1
     marker = store.read_json(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
     assert marker["exit_code"] == 137 and marker["phase"] == "job" and marker["job"] == starved["metadata"]["name"]
     assert marker["reason"] == ("BackoffLimitExceeded: Job has reached the specified backoff limit; "
                                 "last pod: train: OOMKilled (exit 137)")
     assert trial_state(store, sweep.name, specs[-1].trial_id) != "done"
-    assert commands.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 0  # written once
+    assert engine.record_cluster_failures(plan, store, k8s_backend.status(sweep.name, settings)) == 0  # written once
 
     # The rest finish; a pipeline waiting on this sweep returns instead of polling for a week.
     fake_cluster.finish_all()
@@ -834,8 +868,8 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
         store.write_json(f"{sweep.name}/{spec.trial_id}/eval.json", {"summary": {sweep.select.metric: float(i)}})
         store.write_marker(f"{sweep.name}/{spec.trial_id}/_DONE", {})
     store.delete(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
-    commands.wait_for_sweep(plan, store, poll_s=0, timeout_s=5,
-                            on_poll=lambda: commands.record_cluster_failures(
+    engine.wait_for_sweep(plan, store, poll_s=0, timeout_s=5,
+                            on_poll=lambda: engine.record_cluster_failures(
                                 plan, store, k8s_backend.status(sweep.name, settings)))
     assert store.exists(f"{sweep.name}/{specs[-1].trial_id}/_FAILED")
     assert store.read_json(f"{sweep.name}/best.json")["trial_id"] in {s.trial_id for s in specs[:-1]}

@@ -53,6 +53,10 @@ def test_pipeline_trains_selects_and_reports(smoke_run):
             assert ev["model"]["chain"][0]["trial"] == best["trial_id"]
             assert ev["trust"]["adapter_changes_outputs"] and ev["model"]["own"]["missing_keys"] == []
             assert ev["summary"]["heldout_rows"] > 0 and ev["summary"]["preference_accuracy"] is not None
+            # where the evaluation's time went, part by part (make bench's evaluation part reads it)
+            parts = ev["timings_s"]
+            assert set(parts) == {"model", "heldout", *(f"set:{n}" for n in (spec.eval.set, *spec.eval.extra_sets))}
+            assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= ev["wall_time_s"] + 0.05
     for sweep in ("smoke-sft", "smoke-dpo"):
         report = (store_dir / sweep / "report" / "report.md").read_text()
         assert "| **best** |" in report and "## Answers side by side" in report

@@ -1,4 +1,4 @@
-"""Search and early stopping (finesweep.search, submitter/search_loop.py, trainer/progress.py).
+"""Search and early stopping (finesweep.search, submitter/engine.py, trainer/progress.py).
 
 The engine tests drive the real loop, Optuna samplers and pruners against a simulated backend (held-out curves
 computed from the hyperparameters, written to the store point by point, each point followed by the pruning
@@ -19,7 +19,7 @@ from finesweep.search import Search, decide_at_evaluation
 from finesweep.spec import SweepError, parse_sweep
 from finesweep.store import (DONE, LocalStore, TrialState, end_attempt, read_monitor, read_progress, read_status,
                              start_attempt, trial_prefix, write_progress)
-from submitter.search_loop import run_search
+from submitter.engine import run_search
 
 from .conftest import FIXTURES, ROOT
 
@@ -388,7 +388,7 @@ def test_local_search_prunes_and_reports(tmp_path, tiny_model, monkeypatch):
     a rung is whichever trials have reached it by then (asynchronous successive halving): whether `faster` is
     pruned by `fast` would depend on which reports first. Sequential, every decision is a function of the data."""
     from submitter.plan import SweepPlan
-    from submitter.search_loop import submit_local
+    from submitter.engine import submit_local
 
     monkeypatch.chdir(ROOT)
     raw = yaml.safe_load(textwrap.dedent(f"""

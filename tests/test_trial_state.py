@@ -9,7 +9,7 @@ import pytest
 
 from finesweep import store as st
 from finesweep.store import LocalStore, TrialState, read_status
-from submitter import commands, local
+from submitter import engine, local
 from submitter.plan import SweepPlan, load_plan
 
 from .conftest import ROOT
@@ -162,14 +162,14 @@ def test_waiting_pipeline_does_not_settle_on_a_retried_trial(store, smoke_sft, m
     store.write_json(f"{retried.sweep}/{retried.trial_id}/{st.FAILED}", {"phase": "job", "reason": "x", "at": 1.0})
     st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
     chosen = []
-    monkeypatch.setattr(commands, "select_best", lambda *a: chosen.append(a))
+    monkeypatch.setattr(engine, "select_best", lambda *a: chosen.append(a))
     with pytest.raises(TimeoutError):
-        commands.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=0.05)
+        engine.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=0.05)
     assert chosen == []
     st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
     st.end_attempt(store, retried.sweep, retried.trial_id, "stopped")
-    with pytest.raises(commands.SweepStopped, match="cancelled"):
-        commands.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=5)
+    with pytest.raises(engine.SweepStopped, match="cancelled"):
+        engine.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=5)
 
 
 def test_the_evaluation_that_writes_done_closes_the_attempt(store, tiny_model):

@@ -297,6 +297,71 @@ defaults: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj], batc
 trials:
   - {{name: {trial}}}
 """
+DRY_RUN_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One SFT trial: its dry run against what the submit creates.",
+                                      name="e2e-dry-run", epochs=1, trial="planned")
+
+
+def contained(printed, live, path: str = "") -> list[str]:
+    """Where the live object differs from the printed one: every value printed must be there as printed. The API
+    server adds defaults (absent from the print, so not compared) and drops empty values (omitempty)."""
+    if isinstance(printed, dict):
+        if not isinstance(live, dict):
+            return [f"{path}: {live!r} is no mapping"]
+        return [d for key, value in printed.items() for d in
+                (contained(value, live[key], f"{path}.{key}") if key in live
+                 else ([] if value in (None, "", [], {}) else [f"{path}.{key}: missing"]))]
+    if isinstance(printed, list):
+        if not isinstance(live, list) or len(live) != len(printed):
+            return [f"{path}: {len(printed)} items printed, live {live!r:.200}"]
+        return [d for i, (a, b) in enumerate(zip(printed, live)) for d in contained(a, b, f"{path}[{i}]")]
+    return [] if printed == live else [f"{path}: printed {printed!r:.120}, live {live!r:.120}"]
+
+
+def test_dry_run_equals_what_submit_created(release, tmp_path):
+    """`submit --dry-run` prints the objects a submit creates (one build, TorchX's dryrun/schedule): the controller's
+    ConfigMap and Job, and the trial Jobs and ConfigMaps the controller then creates, field for field as the API
+    server holds them (with the cluster's finesweep-defaults, which the dry run read), and nothing the dry run did
+    not print. The only value left to creation is the owner's uid of a trial ConfigMap."""
+    from submitter.k8s_manifests import OWNER_UID_AT_CREATION
+
+    sweep_file = tmp_path / "e2e-dry-run.yaml"
+    sweep_file.write_text(DRY_RUN_SWEEP)
+    dry = submitter(release, "submit", str(sweep_file), "--dry-run", timeout=120)
+    assert "no kubeconfig" not in dry.stderr and "could not be read" not in dry.stderr, dry.stderr
+    printed = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(dry.stdout) if d is not None}
+    controller = "finesweep-controller-e2e-dry-run"
+    assert {("ConfigMap", f"{controller}-sweep"), ("Job", controller)} <= set(printed), sorted(printed)
+    trial_jobs = {name for kind, name in printed if kind == "Job" and name != controller}
+    assert trial_jobs, sorted(printed)
+
+    submitter(release, "submit", str(sweep_file), timeout=120)
+    try:
+        first = appeared("finesweep.io/sweep=e2e-dry-run")
+        live = {("Job", controller): controller_job(controller),
+                ("ConfigMap", f"{controller}-sweep"): json.loads(kubectl(
+                    "get", "configmap", f"{controller}-sweep", "-n", NAMESPACE, "-o", "json").stdout)}
+        for job in first:
+            name = job["metadata"]["name"]
+            configmap = json.loads(kubectl("get", "configmap", f"{name}-spec", "-n", NAMESPACE, "-o", "json").stdout)
+            live[("Job", name)], live[("ConfigMap", f"{name}-spec")] = job, configmap
+            (owner,) = configmap["metadata"]["ownerReferences"]
+            assert owner["uid"] == job["metadata"]["uid"]
+        # Everything the submit created for this sweep was printed, and matches what was printed field by field.
+        assert set(live) <= set(printed), sorted(set(live) - set(printed))
+        differences = []
+        for key, obj in live.items():
+            expected = printed[key]
+            if key[0] == "ConfigMap" and expected["metadata"].get("ownerReferences"):
+                assert expected["metadata"]["ownerReferences"][0]["uid"] == OWNER_UID_AT_CREATION
+                expected = json.loads(json.dumps(expected))
+                expected["metadata"]["ownerReferences"][0]["uid"] = obj["metadata"]["ownerReferences"][0]["uid"]
+            differences += [f"{key[0]}/{key[1]}{d}" for d in contained(expected, obj)]
+        assert not differences, "\n".join(differences)
+        print(f"dry run = submit: {len(live)} objects compared field by field ({len(printed)} printed)")
+    finally:
+        submitter(release, "cancel", str(sweep_file), timeout=300)
+
+
 PREEMPT_SWEEP = ONE_TRIAL_SWEEP.format(purpose="One long-enough SFT trial: its pod is deleted mid-training.",
                                        name="e2e-preempt", epochs=12, trial="deleted-mid-run")
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from typing import Protocol
 
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, SETTLED, ArtifactStore, NextAction, TrialStatus,
-                             next_action, status_of)
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, SETTLED, ArtifactStore, NextAction, TrialState,
+                             TrialStatus, next_action, status_of)
+
+from .plan import select_best
 
 log = logging.getLogger("finesweep")
 
@@ -178,8 +182,6 @@ def finish(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) ->
     """Select the best over every trial of the study and write the report; returns the specs reported."""
     from evaluator.report import build_report
 
-    from .plan import select_best
-
     specs = Search(sweep, store, start).trial_specs()
     select_best(sweep, store, specs)
     build_report(store, sweep, [*sweep.reference_specs(start), *specs])
@@ -212,3 +214,52 @@ def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int =
     counts = run_search(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep), plan.start)
     finish(plan.sweep, store, plan.start)
     return counts["fail"]
+
+
+# ------------------------------------------------------------------------- list and grid sweeps on a cluster
+
+def record_cluster_failures(plan, store: ArtifactStore, rows: list[dict]) -> int:
+    """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep), a search sweep's
+    suggested trials included."""
+    from .k8s_backend import record_job_failures
+
+    return record_job_failures(store, sweep_specs(plan, store), rows)
+
+
+def wait_for_sweep(plan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
+                   on_poll=None):
+    """Block until every trial of `plan` has settled (done or failed in the store: finesweep.store.SETTLED),
+    then record the best. A trial re-created after a failure is running again, not settled. `on_poll` runs
+    before each check (the k8s backend records Jobs the cluster gave up on). A cancelled trial ends the wait
+    with an error: nothing will run it until the sweep is submitted again."""
+    deadline = time.time() + timeout_s
+    specs = plan.all_specs()
+    while True:
+        if on_poll is not None:
+            on_poll()
+        statuses = [status_of(store, s) for s in specs]
+        counts = Counter(st.state for st in statuses)
+        log.info("waiting for sweep %s: %d/%d done, %d failed, %d running", plan.sweep.name,
+                 counts[TrialState.DONE], len(specs), counts[TrialState.FAILED], counts[TrialState.RUNNING])
+        if counts[TrialState.STOPPED]:
+            raise SweepStopped(f"sweep {plan.sweep.name} was cancelled ({counts[TrialState.STOPPED]} trial(s) "
+                               f"stopped); submit it again to carry on")
+        if all(st.settled for st in statuses):
+            break
+        if time.time() > deadline:
+            raise TimeoutError(f"sweep {plan.sweep.name} did not finish in {timeout_s:.0f}s")
+        time.sleep(poll_s)
+    select_best(plan.sweep, store, plan.trials())
+
+
+class SweepStopped(RuntimeError):
+    pass
+
+
+def sweep_specs(plan, store: ArtifactStore) -> list:
+    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search). Every command
+    that looks trials up (status, cancel, logs) goes through here: plan.all_specs() alone misses the trials a
+    search suggested."""
+    if plan.sweep.search is None:
+        return plan.all_specs()
+    return study_specs(plan, store)
