@@ -18,7 +18,7 @@ made after a restart is the decision an uninterrupted run would have made:
 
 Who decides what, and who writes which record (one writer per record):
 
-- the engine (`Search`, driven by submitter/search_loop.py) asks: `Search.ask()` creates trial n's record and,
+- the engine (`Search`, driven by submitter/engine.py) asks: `Search.ask()` creates trial n's record and,
   for a trial to be monitored, writes <trial>/monitor.json first. Once written, the engine never writes that
   record again; it reads records for the loop and the report.
 - the trial's trainer prunes (Optuna's `report` + `should_prune` pattern, made at the evaluation itself):
