@@ -7,7 +7,7 @@ Every (strategy, seed) is a sweep YAML written into WORK (default: a new temp fo
 folder WORK/<strategy>-s<seed>/store by the project's own code path:
 - list, grid, random, tpe: `python -m submitter submit FILE --store DIR` (the local search loop for search
   sweeps, the plain local runner for the list), exactly what `make submit` runs;
-- tpe+asha: submitter.engine.run_search with the LocalBackend, asking one trial at a time (`max_new=1`, the
+- tpe+asha: submitter.engine.run_sweep with the LocalBackend, asking one trial at a time (`max_new=1`, the
   interrupted-run mode the resume test uses) for as long as one more full trial fits the step budget, then
   submitter.engine.finish (best + report). The study is resumed from the store between asks.
 
@@ -134,7 +134,7 @@ def run_job(strategy: str, seed: int, a) -> None:
     from finesweep.search import Search
     from finesweep.store import LocalStore
     from submitter.plan import load_plan
-    from submitter.engine import LocalBackend, finish, run_search
+    from submitter.engine import LocalBackend, finish, run_sweep
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -146,11 +146,11 @@ def run_job(strategy: str, seed: int, a) -> None:
         rows = search.rows()
         spent = sum(r.steps or 0 for r in rows if r.alias_of is None)
         if search.unsettled():  # left over by an interrupted run: let it settle first
-            run_search(plan.sweep, store, LocalBackend(store, str(store_dir)), poll_s=1.0, max_new=0)
+            run_sweep(plan.sweep, store, LocalBackend(store, str(store_dir)), poll_s=1.0, max_new=0)
             continue
         if spent + a.steps > budget or len(rows) >= search.budget():
             break
-        run_search(plan.sweep, store, LocalBackend(store, str(store_dir)), poll_s=1.0, max_new=1)
+        run_sweep(plan.sweep, store, LocalBackend(store, str(store_dir)), poll_s=1.0, max_new=1)
     finish(plan.sweep, store)
 
 

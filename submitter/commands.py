@@ -11,7 +11,7 @@ from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, St
                              status_of, trial_prefix)
 
 from .engine import record_cluster_failures, sweep_specs
-from .plan import SweepPlan, load_plan, resolve_recorded_starts, resolve_start, select_best
+from .plan import SweepPlan, load_plan, resolve_recorded_starts, select_best
 from .plan import project_dir
 
 log = logging.getLogger("finesweep")
@@ -43,24 +43,12 @@ def submit(args, store: ArtifactStore) -> int:
 
 
 def _submit_local(args, plans: list[SweepPlan], store: ArtifactStore) -> int:
-    from evaluator.report import build_report
-
-    from .local import run_sweep
+    from .engine import submit_local
 
     failed, started = 0, time.time()
     for plan in plans:
-        if not plan.resolved:
-            plan.start = resolve_start(plan.sweep, store)
-        if plan.sweep.search is not None:  # a search sweep runs its own loop, report included
-            from .engine import submit_local
-
-            failed += submit_local(plan, store, args.store, _max_attempts(args))
-            continue
-        counts = run_sweep(plan, store, args.store, max_attempts=_max_attempts(args))
+        counts = submit_local(plan, store, args.store, _max_attempts(args))
         failed += counts["failed"]
-        build_report(store, plan.sweep, plan.all_specs())
-        log.info("sweep %s: %d ran, %d already done, %d failed", plan.sweep.name, counts["ran"],
-                 counts["done_before"], counts["failed"])
     _print_reports(plans, store)
     log.info("finished in %.1f min%s", (time.time() - started) / 60, f"; {failed} trial(s) failed" if failed else "")
     return 1 if failed else 0

@@ -3,25 +3,23 @@
     finesweep controller --sweep-file /etc/finesweep/sweep.yaml --store s3://bucket/runs --namespace ns
 
 For each sweep of the file, in order: resolve its start point from the store once the previous sweep has
-settled (plan.resolve_start), create its trial Jobs under max_parallel (k8s_backend.submit, waiting for
-slots), wait until every trial has settled in the store (engine.wait_for_sweep, which records Jobs the
-cluster gave up on and selects the best), then write the sweep's report (evaluator.report: no torch).
+settled (plan.resolve_start), then run it with the engine, list, grid and search sweeps alike
+(engine.run_sweep with K8sBackend: a trial is scheduled by creating its current attempt's Job, idempotently,
+at most max_parallel or search.parallel at a time; the loop's wait records Jobs the cluster gave up on and logs
+each trial's state changes), then select the best and write the report (engine.finish; evaluator.report: no
+torch). Pruning is decided by each trial's trainer at its evaluation from the study in the store
+(finesweep.search.decide_at_evaluation).
 
 Takeover: everything the loop decides comes from the store and the API. Trial Jobs have deterministic names
 per trial and attempt and are created with a 409 meaning "exists", and the store records an attempt's Job
 name before the Job is created, so a replacement pod (its Job's podReplacementPolicy: Failed starts it only
 once the old pod is gone) finds what its predecessor made and never creates a trial's Job twice.
-
-A search sweep (`search:`) runs submitter/engine.run_search with K8sSearchBackend: a trial is scheduled
-by creating its current attempt's Job (idempotently, by name), pruning is decided by the trial's trainer at its
-evaluation from the study in the store (finesweep.search.decide_at_evaluation), and the loop's wait polls the cluster for Jobs it gave up on; then engine.finish selects and reports.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 
 from finesweep.store import ArtifactStore, status_of
 
@@ -83,58 +81,33 @@ def _transient(err: Exception) -> bool:
 
 
 def _run_sweep(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int | None:
-    """One sweep to its end: the number of failed trials, or None when it was cancelled."""
+    """One sweep to its end through the engine (list, grid or search alike: engine.run_sweep with K8sBackend),
+    then best and report (engine.finish): the number of failed trials, or None when it was cancelled."""
     from . import k8s_backend
-    from .engine import SweepStopped, record_cluster_failures, wait_for_sweep
-
-    from evaluator.report import build_report
+    from .engine import SweepStopped, finish, record_cluster_failures, run_sweep
 
     if not plan.resolved:
         # The previous sweep settled and recorded its best (the loop below waited for it).
         plan.start = resolve_start(plan.sweep, store)
         log.info("%s: starts from %s = trial %s", stage, plan.sweep.start_from, plan.start.trial_id)
-    if plan.sweep.search is not None:
-        return _run_search(stage, plan, store, args, settings)
-    specs = plan.all_specs()
-    log.info("%s: %d trial(s), at most %d at a time", stage, len(specs), plan.sweep.max_parallel)
-    created = k8s_backend.submit(plan.sweep, specs, args.store, settings, dry_run=False,
-                                 max_attempts=args.max_attempts, out=_LogWriter(stage))
-    log.info("%s: every trial has its Job (%d created now); waiting for them to settle", stage, len(created))
-    watcher = _StateWatcher(stage, plan, store)
-
-    def poll(plan: SweepPlan = plan, watcher: _StateWatcher = watcher) -> None:
-        record_cluster_failures(plan, store, k8s_backend.status(plan.sweep.name, settings))
-        watcher.log_changes()
-
+    # Jobs the cluster gave up on while no controller watched: their failures go in the store first, so the retry
+    # rule sees them (a replacement pod, or a resubmit after the previous controller ended).
+    record_cluster_failures(plan, store, k8s_backend.status(plan.sweep.name, settings))
+    backend = K8sBackend(store, args.store, settings, args.max_attempts, stage, plan.sweep)
     try:
-        wait_for_sweep(plan, store, poll_s=settings.poll_seconds, on_poll=poll)
+        counts = run_sweep(plan.sweep, store, backend, plan.start, poll_s=settings.poll_seconds)
     except SweepStopped as exc:
         log.error("%s: %s", stage, exc)
         return None
-    watcher.log_changes()
-    counts = Counter(status_of(store, s).state.value for s in specs)
-    _log_selection(stage, plan, store)
-    build_report(store, plan.sweep, specs)
-    log.info("%s: settled (%s); report at %s/%s/report/report.md", stage,
-             ", ".join(f"{n} {state}" for state, n in sorted(counts.items())), args.store, plan.sweep.name)
-    return counts.get("failed", 0)
-
-
-def _run_search(stage: str, plan: SweepPlan, store: ArtifactStore, args, settings) -> int:
-    """A search sweep: the shared loop with Jobs as its backend, then best and report. Returns failed trials."""
-    from .engine import finish, run_search
-
-    log.info("%s: search, %d trial(s) at a time", stage, plan.sweep.search.parallel)
-    backend = K8sSearchBackend(store, args.store, settings, args.max_attempts, stage, plan.sweep)
-    counts = run_search(plan.sweep, store, backend, plan.start, poll_s=settings.poll_seconds)
+    backend.log_changes()
     finish(plan.sweep, store, plan.start)
     _log_selection(stage, plan, store)
     log.info("%s: settled (%d complete, %d pruned, %d failed); report at %s/%s/report/report.md", stage,
-             counts["complete"], counts["pruned"], counts["fail"], args.store, plan.sweep.name)
-    return counts["fail"]
+             counts["complete"], counts["pruned"], counts["failed"], args.store, plan.sweep.name)
+    return counts["failed"]
 
 
-class K8sSearchBackend:
+class K8sBackend:
     """engine.Backend on Kubernetes: one Job per trial and attempt, created only once (its name is
     deterministic and the store records the attempt's Job name before the Job exists, so a replacement
     controller creates the Job its predecessor may not have, and never a second one)."""
@@ -149,6 +122,7 @@ class K8sSearchBackend:
         self.batch, self.core = k8s_backend._clients(settings)
         self.settings = k8s_backend.effective_settings(settings, sweep, self.core)
         self.scheduled: dict[str, object] = {}
+        self.seen: dict[str, str] = {}
 
     def schedule(self, spec) -> None:
         from finesweep.store import NextAction, next_action, over_limit_note, start_attempt
@@ -185,10 +159,23 @@ class K8sSearchBackend:
         from . import k8s_backend
 
         time.sleep(seconds)
-        if self.scheduled:  # Jobs the cluster gave up on: their failure settles the trial for the search
+        if self.scheduled:  # Jobs the cluster gave up on: their failure settles the trial for the loop
             sweep = next(iter(self.scheduled.values())).sweep
             k8s_backend.record_job_failures(self.store, list(self.scheduled.values()),
                                             k8s_backend.status(sweep, self.settings))
+        self.log_changes()
+
+    def log_changes(self) -> None:
+        """Each scheduled trial's state changes as the store records them (new -> running -> done/failed), in
+        `kubectl logs` of the controller."""
+        for spec in self.scheduled.values():
+            st = status_of(self.store, spec)
+            state = st.state.value + (f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else "")
+            if self.seen.get(spec.trial_id) != state:
+                note = f": {st.failure.phase}: {st.failure.reason}" if st.failure is not None else ""
+                log.info("%s: trial %s (%s) %s -> %s%s", self.stage, spec.name, spec.trial_id,
+                         self.seen.get(spec.trial_id, "new"), state, note)
+                self.seen[spec.trial_id] = state
 
 
 def _log_selection(stage: str, plan: SweepPlan, store: ArtifactStore) -> None:
@@ -205,39 +192,3 @@ def _log_selection(stage: str, plan: SweepPlan, store: ArtifactStore) -> None:
            f"tie broken by {tie['decided_by']}" if tie.get("decided_by") else "no tie")
     log.info("%s: selected %s (%s): %s = %s (%s)", stage, best.get("name"), best.get("trial_id"),
              best.get("metric"), best.get("value"), why)
-
-
-class _StateWatcher:
-    """Logs each trial's state changes as the store records them (pending -> running -> done/failed)."""
-
-    def __init__(self, stage: str, plan: SweepPlan, store: ArtifactStore):
-        self.stage, self.plan, self.store = stage, plan, store
-        self.seen: dict[str, str] = {}
-
-    def log_changes(self) -> None:
-        for spec in self.plan.all_specs():
-            st = status_of(self.store, spec)
-            state = st.state.value + (f" (attempt {st.attempt})" if st.attempt and st.attempt > 1 else "")
-            if self.seen.get(spec.trial_id) != state:
-                note = f": {st.failure.phase}: {st.failure.reason}" if st.failure is not None else ""
-                log.info("%s: trial %s (%s) %s -> %s%s", self.stage, spec.name, spec.trial_id,
-                         self.seen.get(spec.trial_id, "new"), state, note)
-                self.seen[spec.trial_id] = state
-
-
-class _LogWriter:
-    """A text stream for k8s_backend.submit's progress lines that turns each into a log line of the stage."""
-
-    def __init__(self, stage: str):
-        self.stage, self.buffer = stage, ""
-
-    def write(self, text: str) -> int:
-        self.buffer += text
-        while "\n" in self.buffer:
-            line, self.buffer = self.buffer.split("\n", 1)
-            if line.strip():
-                log.info("%s: %s", self.stage, line)
-        return len(text)
-
-    def flush(self) -> None:
-        pass

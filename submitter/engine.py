@@ -1,40 +1,49 @@
-"""The search loop: keep `search.parallel` trials in flight, ask for the next until the budget is spent, wait
-for every trial to settle; then select the best and write the report.
+"""The sweep engine: one loop (run_sweep) drives every sweep, list, grid or search, on every backend.
+
+A sweep's trials come from a suggester (Katib's suggestion services): FixedTrials for `trials:`/`grid:` (every
+suggestion known in advance, in file order) or finesweep.search.Search (the sweep's own trials first, then
+Optuna's sampler). The loop evaluates the reference rows first, carries on with what an earlier run left, then
+keeps up to `parallel` trials in flight (the sweep's max_parallel or search.parallel, at most the backend's
+slots), asks for the next until the suggester has none, waits for every trial to settle, and returns counts;
+finish() then selects the best and writes the report. Whether a trial runs, is retried, is evaluated again, is
+skipped or is over its attempt limit is store.next_action's (one rule, every backend).
 
 Pruning is not the loop's business: each monitored trial's trainer decides at each of its held-out evaluations,
 from the study in the store, whether it is pruned, records the decision in its study record and stops right
 there (finesweep.search.decide_at_evaluation, trainer/progress.py). The loop only launches trials, waits, and
 logs the decisions it finds recorded. It talks to a backend through `Backend` only (schedule a trial, wait),
 and reads every state from the store, so the same loop runs locally (LocalBackend: child processes on this
-machine) and inside a Kubernetes controller (a backend that creates Jobs, idempotently). All study state lives
-in the store (finesweep.search), so the loop can be stopped and started again at any point.
+machine) and inside the Kubernetes controller (controller.K8sBackend: Jobs, created idempotently). All state
+lives in the store, so the loop can be stopped and started again at any point.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
 from collections import Counter
 from typing import Protocol
 
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, SETTLED, ArtifactStore, NextAction, TrialState,
-                             TrialStatus, next_action, status_of)
+                             TrialStatus, next_action, over_limit_note, status_of)
 
 from .plan import select_best
 
 log = logging.getLogger("finesweep")
+LOCAL_PARALLEL_ENV = "FINESWEEP_LOCAL_PARALLEL"  # trials at once on this machine (default: one per GPU, 1 on CPU)
 
 
 class Backend(Protocol):
-    """What the search loop needs from a backend. States are read from the store (finesweep.store.read_status),
+    """What the loop needs from a backend. States are read from the store (finesweep.store.read_status),
     which the trainer, the evaluator and the backend write; the backend only starts work. (A pruned trial stops
-    by itself: its trainer makes the decision, so a backend has nothing to deliver.)"""
+    by itself: its trainer makes the decision, so a backend has nothing to deliver.) A backend may also have
+    `slots`: how many trials it can run at once (None or absent: as many as the sweep asks)."""
 
     name: str
-    # submit --max-attempts: run_search retries a failed trial (store.next_action) until it has failed this often.
+    # submit --max-attempts: the loop retries a failed trial (store.next_action) until it has failed this often.
     max_attempts: int
 
     def schedule(self, spec: TrialSpec) -> None:
@@ -48,20 +57,63 @@ class Backend(Protocol):
         """Block until something may have changed (or `seconds` passed)."""
 
 
+def local_slots() -> int:
+    """Trials this machine runs at once: FINESWEEP_LOCAL_PARALLEL, else one per visible GPU (each trial gets its
+    own through CUDA_VISIBLE_DEVICES, as on a workstation with several), else 1 (on CPU, trials at once would
+    share the same cores and memory)."""
+    raw = os.environ.get(LOCAL_PARALLEL_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            from finesweep.spec import SweepError
+
+            raise SweepError(LOCAL_PARALLEL_ENV, "(environment)", f"{raw!r} is not a whole number >= 1",
+                             f"unset it, or set e.g. {LOCAL_PARALLEL_ENV}=2")
+        return value
+    return max(1, len(_cuda_devices()))
+
+
+def _cuda_devices() -> list[str]:
+    """The GPUs a child process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists (no torch here)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 class LocalBackend:
-    """Trials as child processes on this machine, each trial in a thread of its own so `parallel` of them run at
-    once. A trial runs exactly as the list loop runs it (submitter.local.begin_trial + run_phases: the attempt
-    rule, the sweep's tracking settings); a trial the search pruned is not evaluated. `sweep`: the sweep the
-    trials belong to, for its `tracking:` settings (local.tracking_env); without it they run untracked."""
+    """Trials as child processes on this machine, exactly as `make submit` runs them (submitter.local.begin_trial
+    + run_phases: the attempt rule, the sweep's tracking settings); a trial the search pruned is not evaluated.
+    With one slot (the default on CPU) a trial runs in the calling thread, so Ctrl-C stops it as `stopped` (the
+    next submit carries on); with more (FINESWEEP_LOCAL_PARALLEL, or one per GPU) each trial runs in a thread of
+    its own, on a GPU of its own where there are GPUs. `sweep`: the sweep the trials belong to, for its
+    `tracking:` settings (local.tracking_env); without it they run untracked."""
 
     name = "local"
 
     def __init__(self, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 sweep: Sweep | None = None):
+                 sweep: Sweep | None = None, slots: int | None = None):
         from . import local
 
         self.store, self.store_url, self.max_attempts = store, store_url, max_attempts
         self.tracking = local.tracking_env(sweep) if sweep is not None else None
+        self.slots = slots or local_slots()
+        self.devices = _cuda_devices() if self.slots > 1 else []
+        self.free_devices = list(self.devices)
+        self.lock = threading.Lock()
         self.threads: dict[str, threading.Thread] = {}
         self.changed = threading.Event()
 
@@ -71,12 +123,18 @@ class LocalBackend:
         thread = self.threads.get(spec.trial_id)
         if thread is not None and thread.is_alive():
             return
-        label = f"search {spec.sweep}: {spec.name} ({spec.trial_id})"
+        label = f"sweep {spec.sweep}: {spec.name} ({spec.trial_id})"
         # Decided and recorded here, not in the thread: once this returns, the store shows the attempt under
         # way (a retried trial is no longer `failed`), so the loop neither stops early nor over-fills `parallel`.
         outcome, status = local.begin_trial(spec, self.store, self.max_attempts, label)
         if outcome is not None:
             return  # done, pruned, or over its attempt limit: the store already says so
+        if self.slots == 1:
+            try:
+                local.run_phases(spec, status, self.store, self.store_url, self.tracking, label)
+            finally:
+                self.changed.set()
+            return
         thread = threading.Thread(target=self._run, args=(spec, status, label), name=f"trial-{spec.name}",
                                   daemon=True)
         self.threads[spec.trial_id] = thread
@@ -85,14 +143,25 @@ class LocalBackend:
     def _run(self, spec: TrialSpec, status: TrialStatus, label: str) -> None:
         from . import local
 
+        device = None
         try:
-            local.run_phases(spec, status, self.store, self.store_url, self.tracking, label)
+            env = dict(self.tracking or {})
+            if self.devices:
+                with self.lock:
+                    device = self.free_devices.pop(0) if self.free_devices else None
+                if device is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = device
+                    log.info("%s: on GPU %s", label, device)
+            local.run_phases(spec, status, self.store, self.store_url, env or None, label)
         except Exception as err:  # a thread's exception would vanish: record it as the trial's failure
             from finesweep.store import record_failure
 
-            log.exception("search %s: %s: %s", spec.sweep, spec.name, err)
+            log.exception("sweep %s: %s: %s", spec.sweep, spec.name, err)
             record_failure(self.store, spec.sweep, spec.trial_id, "job", f"{type(err).__name__}: {err}", None)
         finally:
+            if device is not None:
+                with self.lock:
+                    self.free_devices.append(device)
             self.changed.set()
 
     def wait(self, seconds: float) -> None:
@@ -100,53 +169,135 @@ class LocalBackend:
         self.changed.clear()
 
 
-def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: StartRef | None = None,
-               poll_s: float = 1.0, max_new: int | None = None) -> dict:
-    """Run the search sweep until its budget is spent and every trial has settled; returns counts. The
-    reference rows (base model, DPO start) are evaluated first: guardrails and the report compare against them.
-    `max_new` stops after asking for that many new trials and letting them settle (tests: an interrupted run).
+class FixedTrials:
+    """A list or grid sweep as a suggester whose suggestions are all known in advance: its trials in file order.
+    Nothing is recorded beyond each trial's own state in the store (where the loop's `due` reads it)."""
 
-    Which trials run is the list loop's rule (store.next_action, with the backend's `max_attempts`): on a
-    resubmit, a trial left running or unstarted carries on, and one that failed below the limit is retried as
-    its next attempt, once per run (one that fails again waits for the next submit, as in the list loop)."""
-    search = Search(sweep, store, start)
+    def __init__(self, sweep: Sweep, store: ArtifactStore, start: StartRef | None = None):
+        self.sweep, self.store, self.name = sweep, store, sweep.name
+        self.fixed = sweep.trial_specs(start)
+        self.asked = 0
+        self.parallel = sweep.max_parallel
+
+    def trial_specs(self) -> list[TrialSpec]:
+        return list(self.fixed)
+
+    def carry_on(self) -> list[TrialSpec]:
+        return []  # every trial is asked again, in order
+
+    def ask(self) -> tuple[TrialSpec, bool] | None:
+        if self.asked >= len(self.fixed):
+            return None
+        self.asked += 1
+        return self.fixed[self.asked - 1], False  # whether it runs: store.next_action (the loop's `due`)
+
+    def unsettled(self) -> list[TrialSpec]:
+        return [s for s in self.fixed[:self.asked] if status_of(self.store, s).state not in SETTLED]
+
+    def decisions(self) -> list[tuple[TrialSpec, int, float]]:
+        return []
+
+
+class SearchTrials(Search):
+    """finesweep.search.Search as the loop's suggester: `parallel` from `search:`, and the trials an earlier run
+    of the study left unsettled (or failed) to carry on with first."""
+
+    @property
+    def parallel(self) -> int:
+        return self.sweep.search.parallel
+
+    def carry_on(self) -> list[TrialSpec]:
+        out = []
+        for rec in self.records():
+            if rec.get("alias_of") is None:
+                spec = self.spec_of(rec)
+                self.ensure_monitor(spec)
+                out.append(spec)
+        return out
+
+
+def suggester_for(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) -> FixedTrials | SearchTrials:
+    """The suggester of a sweep: a search's study, or its fixed list of trials."""
+    return SearchTrials(sweep, store, start) if sweep.search is not None else FixedTrials(sweep, store, start)
+
+
+class SweepStopped(RuntimeError):
+    pass
+
+
+def run_sweep(sweep: Sweep, store: ArtifactStore, backend: Backend, start: StartRef | None = None,
+              poll_s: float = 1.0, max_new: int | None = None) -> dict:
+    """Run one sweep until its suggester has no more trials and every trial has settled; returns counts
+    (done_before, ran, failed over the reference rows and trials; complete, pruned and asked over the trials).
+    The reference rows (base model, DPO start) are evaluated first: guardrails and the report compare against
+    them. `max_new` stops after asking for that many new trials and letting them settle (tests, and the search
+    benchmark's one-trial-at-a-time runs). A trial found stopped (cancelled) ends the run with SweepStopped:
+    nothing runs it until the sweep is submitted again.
+
+    Which trials run is store.next_action's rule, with the backend's `max_attempts`: a trial left running or
+    unstarted carries on, one that failed below the limit is retried as its next attempt, once per run (one that
+    fails again waits for the next submit), one finished under other evaluation settings is evaluated again."""
+    suggester = suggester_for(sweep, store, start)
     limit = getattr(backend, "max_attempts", DEFAULT_MAX_ATTEMPTS)  # a backend without one: the default limit
+    slots = getattr(backend, "slots", None)
+    parallel = min(suggester.parallel, slots) if slots else suggester.parallel
     scheduled: set[str] = set()
+    counts = Counter()
 
     def due(spec: TrialSpec) -> NextAction | None:
         """What this run does with `spec`: RUN, RETRY or EVALUATE to schedule it, None to leave it."""
         if spec.trial_id in scheduled:
             return None
-        action = next_action(status_of(store, spec), limit)
+        status = status_of(store, spec)
+        action = next_action(status, limit)
+        if action is NextAction.SKIP:
+            counts["done_before"] += 1
+            log.info("sweep %s: %s (%s) already %s; skipping", sweep.name, spec.name, spec.trial_id,
+                     status.state.value)
+        elif action is NextAction.OVER_LIMIT:
+            log.error("sweep %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, over_limit_note(status, limit))
         return action if action in (NextAction.RUN, NextAction.RETRY, NextAction.EVALUATE) else None
 
-    def schedule(spec: TrialSpec) -> None:
+    def schedule(spec: TrialSpec, action: NextAction | None = None) -> None:
+        if action is NextAction.EVALUATE:
+            log.info("sweep %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, EVALUATE_NOTE)
+        elif action is NextAction.RETRY:
+            log.info("sweep %s: retrying %s (%s)", sweep.name, spec.name, spec.trial_id)
         scheduled.add(spec.trial_id)
         backend.schedule(spec)
 
-    refs = [s for s in sweep.reference_specs(start) if due(s)]
+    def check_stopped(specs: list[TrialSpec]) -> None:
+        stopped = [s for s in specs if status_of(store, s).state is TrialState.STOPPED]
+        if stopped:
+            raise SweepStopped(f"sweep {sweep.name} was cancelled ({len(stopped)} trial(s) stopped: "
+                               f"{', '.join(s.name for s in stopped[:5])}); submit it again to carry on")
+
+    log.info("sweep %s (%s): %s, %d trial(s) at a time -> %s", sweep.name, sweep.stage,
+             f"search ({sweep.search.method}, budget {sweep.search.budget})" if sweep.search else
+             f"{len(suggester.fixed)} trial(s) + {len(sweep.reference_specs(start))} reference row(s)", parallel,
+             store.url)
+    refs = sweep.reference_specs(start)
     for spec in refs:
-        schedule(spec)
-    while any(status_of(store, s).state not in SETTLED for s in refs):
-        backend.wait(poll_s)
-    for rec in search.records():  # left running, unstarted or failed by an earlier run: carry on, or retry
-        spec = search.spec_of(rec)
-        action = due(spec) if rec.get("alias_of") is None else None
+        action = due(spec)
         if action is not None:
-            if action is NextAction.EVALUATE:
-                log.info("search %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, EVALUATE_NOTE)
-            else:
-                log.info("search %s: %s %s (%s)", sweep.name,
-                         "retrying" if action is NextAction.RETRY else "carrying on with", spec.name, spec.trial_id)
-            search.ensure_monitor(spec)
-            schedule(spec)
+            schedule(spec, action)
+    while any(status_of(store, s).state not in SETTLED for s in refs if s.trial_id in scheduled):
+        check_stopped([s for s in refs if s.trial_id in scheduled])
+        backend.wait(poll_s)
+    for spec in suggester.carry_on():  # left running, unstarted or failed by an earlier run: carry on, or retry
+        action = due(spec)
+        if action is not None:
+            if action is NextAction.RUN:
+                log.info("sweep %s: carrying on with %s (%s)", sweep.name, spec.name, spec.trial_id)
+            schedule(spec, action)
     asked, exhausted = 0, False
     told: set[str] = set()
     while True:
-        _log_decisions(search, told)
-        active = search.unsettled()
-        while len(active) < sweep.search.parallel and not exhausted and (max_new is None or asked < max_new):
-            got = search.ask()
+        _log_decisions(suggester, told)
+        active = suggester.unsettled()
+        check_stopped([s for s in active if s.trial_id in scheduled])
+        while len(active) < parallel and not exhausted and (max_new is None or asked < max_new):
+            got = suggester.ask()
             if got is None:
                 exhausted = True
                 break
@@ -154,19 +305,26 @@ def run_search(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Star
             spec, needs_run = got
             # needs_run: new and unsettled. A trial that failed in an earlier study of this store is asked
             # again as a settled one; the attempt rule retries it like any other failed trial.
-            if needs_run or due(spec):
-                schedule(spec)
+            action = NextAction.RUN if needs_run else due(spec)
+            if action is not None:
+                schedule(spec, action)
                 active.append(spec)
+        active = [s for s in active if status_of(store, s).state not in SETTLED]
         if not active and (exhausted or (max_new is not None and asked >= max_new)):
             break
         backend.wait(poll_s)
-    _log_decisions(search, told)
-    rows = search.rows()
-    counts = {state: sum(r.state == state for r in rows) for state in ("complete", "pruned", "fail", "running")}
-    counts["asked"] = asked
-    log.info("search %s: %d trials in the study: %d complete, %d pruned, %d failed", sweep.name, len(rows),
-             counts["complete"], counts["pruned"], counts["fail"])
-    return counts
+    _log_decisions(suggester, told)
+    trials = suggester.trial_specs()
+    states = Counter(status_of(store, s).state for s in trials)
+    failed = states[TrialState.FAILED] + sum(status_of(store, s).state is TrialState.FAILED for s in refs)
+    ran = sum(1 for s in [*refs, *trials] if s.trial_id in scheduled
+              and status_of(store, s).state in (TrialState.DONE, TrialState.PRUNED))
+    result = {"done_before": counts["done_before"], "ran": ran, "failed": failed,
+              "complete": states[TrialState.DONE], "pruned": states[TrialState.PRUNED], "asked": asked}
+    log.info("sweep %s: %d trial(s): %d complete, %d pruned, %d failed (reference rows included: %d ran, %d already "
+             "done)", sweep.name, len(trials), result["complete"], result["pruned"], failed, ran,
+             result["done_before"])
+    return result
 
 
 def _log_decisions(search: Search, told: set[str]) -> None:
@@ -179,10 +337,11 @@ def _log_decisions(search: Search, told: set[str]) -> None:
 
 
 def finish(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) -> list[TrialSpec]:
-    """Select the best over every trial of the study and write the report; returns the specs reported."""
+    """Select the best over every trial of the sweep (a search's whole study) and write the report; returns the
+    specs reported."""
     from evaluator.report import build_report
 
-    specs = Search(sweep, store, start).trial_specs()
+    specs = suggester_for(sweep, store, start).trial_specs()
     select_best(sweep, store, specs)
     build_report(store, sweep, [*sweep.reference_specs(start), *specs])
     return specs
@@ -204,16 +363,16 @@ def pruned_note(store: ArtifactStore, spec: TrialSpec) -> str:
     return f"pruned by the search after {points[-1]['examples']} examples" if points else "pruned by the search"
 
 
-def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
-    """`make submit` of a search sweep on this machine: the loop with LocalBackend, then best and report.
-    Returns the number of failed trials."""
+def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
+    """`make submit` of one sweep (list, grid or search) on this machine: run_sweep with the LocalBackend, then
+    best and report (finish). Returns run_sweep's counts."""
     if not plan.resolved:
         from .plan import resolve_start
 
         plan.start = resolve_start(plan.sweep, store)
-    counts = run_search(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep), plan.start)
+    counts = run_sweep(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep), plan.start)
     finish(plan.sweep, store, plan.start)
-    return counts["fail"]
+    return counts
 
 
 # ------------------------------------------------------------------------- list and grid sweeps on a cluster
@@ -224,36 +383,6 @@ def record_cluster_failures(plan, store: ArtifactStore, rows: list[dict]) -> int
     from .k8s_backend import record_job_failures
 
     return record_job_failures(store, sweep_specs(plan, store), rows)
-
-
-def wait_for_sweep(plan, store: ArtifactStore, poll_s: float = 20.0, timeout_s: float = 7 * 24 * 3600,
-                   on_poll=None):
-    """Block until every trial of `plan` has settled (done or failed in the store: finesweep.store.SETTLED),
-    then record the best. A trial re-created after a failure is running again, not settled. `on_poll` runs
-    before each check (the k8s backend records Jobs the cluster gave up on). A cancelled trial ends the wait
-    with an error: nothing will run it until the sweep is submitted again."""
-    deadline = time.time() + timeout_s
-    specs = plan.all_specs()
-    while True:
-        if on_poll is not None:
-            on_poll()
-        statuses = [status_of(store, s) for s in specs]
-        counts = Counter(st.state for st in statuses)
-        log.info("waiting for sweep %s: %d/%d done, %d failed, %d running", plan.sweep.name,
-                 counts[TrialState.DONE], len(specs), counts[TrialState.FAILED], counts[TrialState.RUNNING])
-        if counts[TrialState.STOPPED]:
-            raise SweepStopped(f"sweep {plan.sweep.name} was cancelled ({counts[TrialState.STOPPED]} trial(s) "
-                               f"stopped); submit it again to carry on")
-        if all(st.settled for st in statuses):
-            break
-        if time.time() > deadline:
-            raise TimeoutError(f"sweep {plan.sweep.name} did not finish in {timeout_s:.0f}s")
-        time.sleep(poll_s)
-    select_best(plan.sweep, store, plan.trials())
-
-
-class SweepStopped(RuntimeError):
-    pass
 
 
 def sweep_specs(plan, store: ArtifactStore) -> list:

@@ -1,4 +1,5 @@
-"""Local backend: run each trial's trainer and evaluator as child processes on this machine.
+"""Local backend's trial runner: each trial's trainer and evaluator as child processes on this machine (the loop
+that decides which trials run is submitter/engine.py's, with its LocalBackend).
 
 Each phase is its own process (as in a pod), so memory is returned between trials and a crash fails one
 trial, not the sweep. Output streams to the terminal and into the store (<trial>/logs/<phase>.log).
@@ -13,12 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
+from finesweep.store import (PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
                              TrialStatus, end_attempt, failure_line, next_action, over_limit_note, status_of,
                              record_failure, start_attempt, trial_prefix)
 from finesweep.spec import Sweep, TrialSpec
 
-from .plan import SweepPlan, select_best, write_spec
+from .plan import write_spec
 
 log = logging.getLogger("finesweep")
 # The children import the code this process runs (a source checkout run without installing, or the installed
@@ -60,9 +61,9 @@ def _noise(line: str) -> bool:
 
 
 def tracking_env(sweep: Sweep) -> dict[str, str] | None:
-    """The sweep's `tracking:` block as its trials' MLFLOW_* settings (TrackingSpec.env), for run_phase. Every
-    loop that runs trials on this machine (run_sweep, engine.LocalBackend) takes them from here, so a list
-    trial and a search trial of the same file are tracked alike."""
+    """The sweep's `tracking:` block as its trials' MLFLOW_* settings (TrackingSpec.env), for run_phase.
+    engine.LocalBackend takes them from here for every sweep, so a list trial and a search trial of the same file
+    are tracked alike."""
     return sweep.tracking.env(sweep.name) if sweep.tracking else None
 
 
@@ -85,8 +86,6 @@ def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
     if action is NextAction.OVER_LIMIT:
         log.error("%s %s", label, over_limit_note(status, max_attempts))
         return OVER_LIMIT, status
-    if action is NextAction.EVALUATE:
-        log.info("%s %s", label, EVALUATE_NOTE)
     return None, start_attempt(store, spec.sweep, spec.trial_id, "local")
 
 
@@ -122,30 +121,6 @@ def run_trial(spec: TrialSpec, store: ArtifactStore, store_url: str, max_attempt
     run_phases). Returns SKIPPED, OVER_LIMIT, DONE, PRUNED or FAILED. `label` starts its log lines."""
     outcome, status = begin_trial(spec, store, max_attempts, label)
     return outcome or run_phases(spec, status, store, store_url, tracking, label)
-
-
-def run_sweep(plan: SweepPlan, store: ArtifactStore, store_url: str,
-              max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
-    """Run every unfinished trial of one sweep (run_trial); returns counts. Finished trials are skipped; a failed
-    one runs again as its next attempt until it has failed `max_attempts` times (then it is counted failed, not
-    run)."""
-    sweep = plan.sweep
-    specs = plan.all_specs()
-    counts = {"done_before": 0, "ran": 0, "failed": 0}
-    log.info("sweep %s (%s): %d trials + %d reference rows -> %s", sweep.name, sweep.stage, len(plan.trials()),
-             len(plan.references()), store.url)
-    tracking = tracking_env(sweep)
-    for i, spec in enumerate(specs, 1):
-        label = f"sweep {sweep.name}: [{i}/{len(specs)}] {spec.name} ({spec.trial_id})"
-        outcome = run_trial(spec, store, store_url, max_attempts, tracking, label)
-        if outcome == SKIPPED:
-            counts["done_before"] += 1
-        elif outcome == DONE:
-            counts["ran"] += 1
-        elif outcome in (OVER_LIMIT, FAILED):
-            counts["failed"] += 1
-    select_best(sweep, store, plan.trials())
-    return counts
 
 
 def killed_reason(returncode: int) -> str | None:

@@ -90,7 +90,6 @@ def phases(monkeypatch):
     fake = FakePhases()
     monkeypatch.setattr(local, "run_phase", fake)
     # Selection and the report read real evaluator output; they are not what these tests are about.
-    monkeypatch.setattr(local, "select_best", lambda *a, **k: None)
     monkeypatch.setattr(engine, "finish", lambda *a, **k: [])
     return fake
 
@@ -101,13 +100,13 @@ def test_search_trials_get_the_same_tracking_settings_as_list_trials(store, phas
     """Bug: a local search sweep's trials ran without the sweep's MLFLOW_* settings (engine.LocalBackend
     called run_phase without them), while the list/grid loop passed them."""
     listed = sweep_from(BASE + TRACKING)
-    local.run_sweep(SweepPlan(listed, None), store, str(store.root))
+    engine.submit_local(SweepPlan(listed, None), store, str(store.root))
     list_envs = {env and tuple(sorted(env.items())) for _, _, env in phases.calls}
     assert list_envs == {tuple(sorted(listed.tracking.env(listed.name).items()))}
 
     phases.calls.clear()
     searched = sweep_from(search_text(budget=3, extra=TRACKING), name="drift-search")
-    assert engine.submit_local(SweepPlan(searched, None), store, str(store.root)) == 0
+    assert engine.submit_local(SweepPlan(searched, None), store, str(store.root))["failed"] == 0
     assert phases.trained(), "the search ran its trials"
     expected = searched.tracking.env(searched.name)
     assert expected["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
@@ -119,7 +118,7 @@ def test_the_tracking_env_comes_from_one_function(monkeypatch, store, phases):
     """Both loops take a sweep's trial env from local.tracking_env, so a change there reaches both."""
     marker = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "FINESWEEP_MARK": "shared"}
     monkeypatch.setattr(local, "tracking_env", lambda sweep: marker)
-    local.run_sweep(SweepPlan(sweep_from(BASE), None), store, str(store.root))
+    engine.submit_local(SweepPlan(sweep_from(BASE), None), store, str(store.root))
     engine.submit_local(SweepPlan(sweep_from(search_text(), name="drift-search"), None), store,
                              str(store.root))
     assert phases.calls and all(env == marker for _, _, env in phases.calls)
@@ -164,17 +163,17 @@ def test_a_failed_search_trial_is_retried_on_resubmit_up_to_max_attempts(store, 
     flaky = sweep.trial_specs()[0]
     phases.failing.add(flaky.trial_id)
 
-    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2)["failed"] == 1
     assert phases.trained().count(flaky.trial_id) == 1
     phases.calls.clear()
-    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2)["failed"] == 1
     assert phases.trained() == [flaky.trial_id], "a resubmit retries exactly the failed trial"
     assert read_status(store, flaky.sweep, flaky.trial_id).failed_attempts == 2
     phases.calls.clear()
-    assert engine.submit_local(plan, store, str(store.root), max_attempts=2) == 1
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=2)["failed"] == 1
     assert phases.trained() == [], "at the limit: not run again"
     phases.failing.clear()
-    assert engine.submit_local(plan, store, str(store.root), max_attempts=3) == 0
+    assert engine.submit_local(plan, store, str(store.root), max_attempts=3)["failed"] == 0
     assert phases.trained() == [flaky.trial_id]
     final = read_status(store, flaky.sweep, flaky.trial_id)
     assert (final.state, final.attempt, [a.outcome for a in final.attempts]) == \
@@ -190,7 +189,7 @@ def test_list_and_engines_retry_alike(store, phases):
         phases.failing = {flaky.trial_id}
         for _ in range(3):
             if kind == "list":
-                local.run_sweep(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
+                engine.submit_local(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
             else:
                 engine.submit_local(SweepPlan(sweep, None), store, str(store.root), max_attempts=2)
         status = read_status(store, flaky.sweep, flaky.trial_id)

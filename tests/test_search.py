@@ -19,7 +19,7 @@ from finesweep.search import Search, decide_at_evaluation
 from finesweep.spec import SweepError, parse_sweep
 from finesweep.store import (DONE, LocalStore, TrialState, end_attempt, read_monitor, read_progress, read_status,
                              start_attempt, trial_prefix, write_progress)
-from submitter.engine import run_search
+from submitter.engine import run_sweep
 
 from .conftest import FIXTURES, ROOT
 
@@ -111,7 +111,7 @@ def _history(store, sweep):
 def test_resumed_search_suggests_what_an_uninterrupted_one_does(tmp_path):
     sweep = sweep_from(SEARCH)
     whole = LocalStore(tmp_path / "whole")
-    run_search(sweep, whole, SimulatedBackend(whole), poll_s=0)
+    run_sweep(sweep, whole, SimulatedBackend(whole), poll_s=0)
     uninterrupted = _history(whole, sweep)
     assert len(uninterrupted) == 9 and uninterrupted[0][1] == sweep.trial_specs()[0].trial_id
     states = {h[2] for h in uninterrupted}
@@ -120,9 +120,9 @@ def test_resumed_search_suggests_what_an_uninterrupted_one_does(tmp_path):
 
     parts = LocalStore(tmp_path / "parts")
     for k in (3, 2):  # interrupt after 3 trials, then after 2 more, each time a fresh engine over the store
-        run_search(sweep, parts, SimulatedBackend(parts), poll_s=0, max_new=k)
+        run_sweep(sweep, parts, SimulatedBackend(parts), poll_s=0, max_new=k)
     assert _history(parts, sweep)[:5] == uninterrupted[:5]
-    run_search(sweep, parts, SimulatedBackend(parts), poll_s=0)
+    run_sweep(sweep, parts, SimulatedBackend(parts), poll_s=0)
     assert _history(parts, sweep) == uninterrupted
     # the pruner's own state (successive halving rungs) was rebuilt, not recomputed differently
     rungs = lambda store: [r["system_attrs"] for r in Search(sweep, store).records()]  # noqa: E731
@@ -144,7 +144,7 @@ def test_a_suggestion_equal_to_an_existing_trial_maps_to_it(tmp_path):
     """)
     store = LocalStore(tmp_path)
     backend = SimulatedBackend(store)
-    run_search(sweep, store, backend, poll_s=0)
+    run_sweep(sweep, store, backend, poll_s=0)
     rows = Search(sweep, store).rows()
     assert len(rows) == 3, "1 listed trial + a grid of 2 (the budget of 4 is capped at the grid's size)"
     aliases = [r for r in rows if r.alias_of is not None]
@@ -158,7 +158,7 @@ def test_guardrail_breakers_are_told_the_worst_value(tmp_path):
     sweep = sweep_from(SEARCH.replace("budget: 9", "budget: 4").replace(
         "prune:", "select: {metric: heldout_loss, guardrails: [{metric: heldout_loss, max: 3.0}]}\nprune:"))
     store = LocalStore(tmp_path)
-    run_search(sweep, store, SimulatedBackend(store), poll_s=0)
+    run_sweep(sweep, store, SimulatedBackend(store), poll_s=0)
     rows = [r for r in Search(sweep, store).rows() if r.state == "complete"]
     worst = max(r.objective for r in rows)
     for r in rows:
@@ -172,7 +172,7 @@ def test_pruned_trials_stop_at_the_evaluation_that_decides(tmp_path):
     sweep = sweep_from(SEARCH.replace("startup_trials: 3", "startup_trials: 3\n  parallel: 2"))
     store = LocalStore(tmp_path)
     backend = SimulatedBackend(store)
-    run_search(sweep, store, backend, poll_s=0)
+    run_sweep(sweep, store, backend, poll_s=0)
     rows = {r.trial_id: r for r in Search(sweep, store).rows()}
     pruned = [r for r in rows.values() if r.state == "pruned"]
     assert pruned and set(backend.stopped_at) == {r.trial_id for r in pruned}
@@ -318,7 +318,7 @@ def test_a_monitor_carries_the_study_and_each_record_has_one_writer(tmp_path, mo
     monkeypatch.setattr(search_mod.StoredStudy, "_write", write)
     monkeypatch.setattr(search_mod.StoredStudy, "decide", decide)
     loop_store = LocalStore(tmp_path / "loop")
-    run_search(sweep, loop_store, SimulatedBackend(loop_store), poll_s=0)
+    run_sweep(sweep, loop_store, SimulatedBackend(loop_store), poll_s=0)
     for number in range(3):
         mine = [w for w in writes if w[0] == number]
         assert mine[0][1:] == (False, {}), "created empty by ask"
@@ -335,7 +335,7 @@ def test_a_trial_asked_by_an_older_engine_gets_a_monitor_its_trainer_decides_wit
     for spec in specs:
         old = {k: v for k, v in read_monitor(store, sweep.name, spec.trial_id).items() if k != "study"}
         store.write_json(f"{trial_prefix(sweep.name, spec.trial_id)}/monitor.json", old)
-    run_search(sweep, store, SimulatedBackend(store, every=8), poll_s=0)
+    run_sweep(sweep, store, SimulatedBackend(store, every=8), poll_s=0)
     assert all(read_monitor(store, sweep.name, s.trial_id)["study"]["number"] == n for n, s in enumerate(specs))
     assert all(rec["intermediate"] for rec in Search(sweep, store).records()), "every trainer reported"
 
@@ -412,7 +412,7 @@ def test_local_search_prunes_and_reports(tmp_path, tiny_model, monkeypatch):
     """))
     sweep = parse_sweep(raw, "test.yaml", "", "srch-e2e")
     store = LocalStore(tmp_path)
-    assert submit_local(SweepPlan(sweep, None), store, str(tmp_path)) == 0
+    assert submit_local(SweepPlan(sweep, None), store, str(tmp_path))["failed"] == 0
     stuck = sweep.trial_specs()[2]
     status = read_status(store, sweep.name, stuck.trial_id)
     assert status.state is TrialState.PRUNED and status.trained, "pruned: adapter saved, attempt closed as pruned"

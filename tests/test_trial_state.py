@@ -129,20 +129,20 @@ def test_local_resubmit_reruns_exactly_the_failed_trials_up_to_the_limit(store, 
         return 0
 
     monkeypatch.setattr(local, "run_phase", fake_phase)
-    monkeypatch.setattr(local, "select_best", lambda *a, **k: None)
+    monkeypatch.setattr(engine, "finish", lambda *a, **k: [])
 
-    first = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
-    assert first == {"done_before": 0, "ran": len(specs) - 1, "failed": 1}
+    first = engine.submit_local(smoke_sft, store, str(store.root), max_attempts=2)
+    assert (first["done_before"], first["ran"], first["failed"]) == (0, len(specs) - 1, 1)
     runs.clear()
-    second = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
+    second = engine.submit_local(smoke_sft, store, str(store.root), max_attempts=2)
     assert runs == [("trainer", flaky.trial_id)]  # exactly the failed trial, nothing that finished
-    assert second == {"done_before": len(specs) - 1, "ran": 0, "failed": 1}
+    assert (second["done_before"], second["ran"], second["failed"]) == (len(specs) - 1, 0, 1)
     assert status_of(store, flaky).failed_attempts == 2
     runs.clear()
-    third = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=2)
+    third = engine.submit_local(smoke_sft, store, str(store.root), max_attempts=2)
     assert runs == [] and third["failed"] == 1  # the limit: not run again
     outcome["flaky_exit"] = 0
-    fourth = local.run_sweep(smoke_sft, store, str(store.root), max_attempts=3)
+    fourth = engine.submit_local(smoke_sft, store, str(store.root), max_attempts=3)
     assert runs == [("trainer", flaky.trial_id), ("evaluator", flaky.trial_id)] and fourth["ran"] == 1
     final = status_of(store, flaky)
     assert (final.state, final.attempt, [a.outcome for a in final.attempts]) == \
@@ -153,23 +153,41 @@ def status_of(store, spec):
     return read_status(store, spec.sweep, spec.trial_id)
 
 
-def test_waiting_pipeline_does_not_settle_on_a_retried_trial(store, smoke_sft, monkeypatch):
+class _HangingBackend:
+    """Starts each trial's attempt and never finishes it (a Job that is still running); at its `stop_after`-th
+    wait the trial `stop` is cancelled (its attempt marked stopped, as `cancel` does)."""
+
+    name, max_attempts = "test", 3
+
+    def __init__(self, store, stop=None, stop_after=3):
+        self.store, self.stop, self.stop_after, self.waits, self.scheduled = store, stop, stop_after, 0, []
+
+    def schedule(self, spec):
+        self.scheduled.append(spec.trial_id)
+        st.start_attempt(self.store, spec.sweep, spec.trial_id, self.name)
+
+    def wait(self, seconds):
+        self.waits += 1
+        if self.stop is not None and self.waits == self.stop_after:
+            st.end_attempt(self.store, self.stop.sweep, self.stop.trial_id, "stopped")
+
+
+def test_the_engine_waits_on_a_retried_trial_and_ends_on_a_cancelled_one(store, smoke_sft):
+    """A trial retried as attempt n+1 is running, not settled: the loop waits for it (instead of selecting a best
+    without it); a trial cancelled meanwhile ends the run with SweepStopped (nothing would ever settle it)."""
     specs = smoke_sft.all_specs()
     for spec in specs[1:]:
         store.write_json(f"{spec.sweep}/{spec.trial_id}/eval.json", {"summary": {}})
         store.write_marker(f"{spec.sweep}/{spec.trial_id}/{st.DONE}", {})
     retried = specs[0]
     store.write_json(f"{retried.sweep}/{retried.trial_id}/{st.FAILED}", {"phase": "job", "reason": "x", "at": 1.0})
-    st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
-    chosen = []
-    monkeypatch.setattr(engine, "select_best", lambda *a: chosen.append(a))
-    with pytest.raises(TimeoutError):
-        engine.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=0.05)
-    assert chosen == []
-    st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
-    st.end_attempt(store, retried.sweep, retried.trial_id, "stopped")
+    backend = _HangingBackend(store, stop=retried, stop_after=3)
     with pytest.raises(engine.SweepStopped, match="cancelled"):
-        engine.wait_for_sweep(smoke_sft, store, poll_s=0.01, timeout_s=5)
+        engine.run_sweep(smoke_sft.sweep, store, backend, smoke_sft.start, poll_s=0)
+    assert backend.scheduled == [retried.trial_id] and backend.waits == 3  # waited on it until the cancel
+    status = status_of(store, retried)
+    assert status.attempt == 2 and status.attempts[-1].outcome == "stopped"
+    assert not store.exists(f"{smoke_sft.sweep.name}/best.json")
 
 
 def test_the_evaluation_that_writes_done_closes_the_attempt(store, tiny_model):
