@@ -137,8 +137,6 @@ SETTINGS: tuple[Setting, ...] = (
             note="ServiceAccount the controller Job runs as: the chart's (serviceAccount.*), bound to its Role"),
     Setting("controller_api_server", "controller.apiServer", str, {"pattern": "^(https://[^/\\s]+:[0-9]+)?$"}),
     Setting("poll_seconds", "controller.pollSeconds", float, {"minimum": 0.5, "maximum": 3600}),
-    Setting("wait_for_slots", "submitter.waitForSlots", bool, source=SUBMITTER, default=True,
-            note="False: submit returns after the first max_parallel Jobs (re-run to continue)"),
     Setting("use_cluster_defaults", "submitter.useClusterDefaults", bool, source=SUBMITTER, default=True,
             note="submit/status read the finesweep-defaults ConfigMap first"),
 )

@@ -90,8 +90,8 @@ def _submit_k8s(args, plans: list[SweepPlan], store: ArtifactStore, dry_run: boo
             print(f"# note: {plan.sweep.start_from} is not in the store yet; trial ids below are provisional",
                   file=sys.stderr)
             plan.start = StartRef(plan.sweep.start_sweep, UNRESOLVED)
-        k8s_backend.submit(plan.sweep, plan.all_specs(), args.store, settings, dry_run=True,
-                           max_attempts=_max_attempts(args), core=core)
+        k8s_backend.dry_run(plan.sweep, plan.all_specs(), args.store, settings, max_attempts=_max_attempts(args),
+                            core=core)
     return 0
 
 

@@ -1,25 +1,23 @@
 """Kubernetes backend of the submitter: the thin layer between pure manifests and the API server.
 
     settings = load_settings({"namespace": "ml"})          # chart defaults (+ overrides); no cluster needed
-    submit(sweep, trials, "s3://bucket/runs", settings, dry_run=False)   -> names of the Jobs created
+    dry_run(sweep, trials, "s3://bucket/runs", settings)   -> prints the trial objects the controller creates
+    create_trial_objects(batch, core, trial_objects(...))  -> one trial attempt's Job + ConfigMap (controller.K8sBackend)
+    submit_controller(pipeline, text, store_url, settings) -> the pipeline's controller ConfigMap + Job
     status("sft", settings)                                -> one row per Job
     follow_logs("sft", "sft-0123456789", settings)         -> streams train then eval logs
     cancel("sft", settings)                                -> deletes the sweep's Jobs and ConfigMaps
 
-Retries: a trial's state comes from the store (finesweep.store.read_status). A resubmit retries a trial
-whose current attempt failed, below the attempt limit: the failed attempt's Job and ConfigMap are deleted and
-attempt n gets a Job of its own name (`<sweep>-<trial id>-a<n>`, finesweep.io/attempt label), so no attempt's
-Job is ever created twice. Preemptions are retried inside the Job (podFailurePolicy) and are no attempt.
+Which trials run, are retried or are left alone is decided by the sweep engine (submitter/engine.py, with
+finesweep.store.next_action) in the controller; its K8sBackend creates each attempt's Job through
+create_trial_objects, idempotently by name. Retries: attempt n gets a Job of its own name (`<sweep>-<trial
+id>-a<n>`, finesweep.io/attempt label), so no attempt's Job is ever created twice. Preemptions are retried inside
+the Job (podFailurePolicy) and are no attempt.
 
 Manifests come from submitter/k8s_manifests.py (pure); a dry run prints the very objects a submit creates
 (trial_objects, controller_manifests, built with effective_settings by both). Everything here that needs
 `kubernetes` imports it inside the function; a dry run opens a connection only to read the cluster's
-finesweep-defaults ConfigMap, and only where a kubeconfig exists (dry_run_core).
-
-Concurrency: one Job per trial, and at most `sweep.max_parallel` unfinished Jobs of a sweep exist at a time.
-`submit` creates the first ones, then (settings.wait_for_slots) watches the sweep's Jobs and creates the next
-as earlier ones finish. Interrupted, it is simply run again: existing Jobs are left alone, done trials
-skipped. See docs/kubernetes.md.
+finesweep-defaults ConfigMap, and only where a kubeconfig exists (dry_run_core). See docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from submitter.k8s_manifests import (
     ANNOTATION_TRIAL_NAME, EVAL_CONTAINER, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_STAGE, LABEL_TRIAL, TRAIN_CONTAINER,
     CONTROLLER_CONTAINER, ClusterSettings, SettingsError, controller_manifests, controller_name,
     job_name, resolved_defaults, settings_from_defaults, sweep_manifests,
-    sweep_selector, trial_objects, with_sweep_tracking)
+    sweep_selector, with_sweep_tracking)
 
 DEFAULTS_CONFIGMAP = "finesweep-defaults"  # rendered by charts/finesweep/templates/defaults-configmap.yaml
 DEFAULTS_KEY = "defaults.json"
@@ -144,99 +142,34 @@ def check_store_url(store_url: str, dry_run: bool) -> bool:
     return True
 
 
-def submit(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: ClusterSettings, dry_run: bool,
-           out: TextIO | None = None, *, err: TextIO | None = None,
-           sleep: Callable[[float], None] = time.sleep, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-           core: Any | None = None) -> list[str]:
-    """Create a ConfigMap + Job per trial not yet done, at most `sweep.max_parallel` unfinished at a time.
-
-    A trial whose current attempt failed is retried (until it has failed `max_attempts` times): its old Job
-    and ConfigMap are deleted, the store starts attempt n+1, and the new Job is `<job name>-a<n+1>`. Jobs that
-    exist for a trial's current attempt (pending, running, done) are left alone.
-
-    Returns the names of the Jobs created (dry_run: the Jobs that would be created). Progress lines go to
-    `out`; a dry run instead prints one YAML stream of every object (k8s_manifests.trial_objects, what a submit
-    creates) to `out` and writes nothing to a cluster; `core` (dry_run_core) is where it reads the cluster's
-    defaults, None for the chart's.
+def dry_run(sweep: Sweep, trials: list[TrialSpec], store_url: str, settings: ClusterSettings,
+            out: TextIO | None = None, *, err: TextIO | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+            core: Any | None = None) -> list[str]:
+    """`submit --dry-run` for one sweep: print one YAML stream of the objects the controller creates for its trials
+    (k8s_manifests.trial_objects with effective_settings, the very objects controller.K8sBackend creates), for
+    every trial store.next_action would run: a trial whose current attempt failed below `max_attempts` as its next
+    attempt's Job (`-a<n>`, with a note on stderr), done trials left out. Writes nothing to a cluster; `core`
+    (dry_run_core) is where it reads the cluster's defaults, None for the chart's. Returns the Jobs' names.
     out/err default to sys.stdout/sys.stderr as they are at call time."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     trials = _unique(trials)
-    if check_store_url(store_url, dry_run):
+    if check_store_url(store_url, dry_run=True):
         print(f"note: store {store_url!r} is not s3://...; trial pods could not reach it", file=err)
-
-    if dry_run:
-        statuses = _read_statuses(trials, store_url, err)
-        steps = plan_attempts(trials, statuses, max_attempts, err)
-        for step in steps:
-            if step.retry_of:
-                print(f"{_who(step.spec)}: {step.replaces()}: a submit deletes job "
-                      f"{job_name(step.spec, step.retry_of)} and runs attempt {step.attempt}", file=err)
-        manifests = sweep_manifests([s.spec for s in steps], effective_settings(settings, sweep, core, err),
-                                    store_url, {s.spec.trial_id: s.attempt for s in steps})
-        names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
-        out.write(f"# finesweep dry run: sweep {sweep.name}, {len(names)} Job(s) in namespace "
-                  f"{settings.namespace}; the submitter keeps at most {sweep.max_parallel} unfinished at a time.\n")
-        yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True, width=120)
-        return names
-
-    from finesweep.store import open_store, start_attempt
-
-    store = open_store(store_url)
-    batch, core = _clients(settings)
-    settings = effective_settings(settings, sweep, core, err)
-    # Jobs the cluster gave up on first: their failure must be in the store before deciding what to retry.
-    record_job_failures(store, trials, status(sweep.name, settings))
-    selector = sweep_selector(sweep.name)
-    existing = {job["metadata"]["name"]: job for job in _items(batch.list_namespaced_job(
-        settings.namespace, label_selector=selector, _preload_content=False))}
-    steps = plan_attempts(trials, _read_statuses(trials, store_url, err, store), max_attempts, out)
-
-    pending: list[AttemptStep] = []
+    statuses = _read_statuses(trials, store_url, err)
+    steps = plan_attempts(trials, statuses, max_attempts, err)
     for step in steps:
-        spec, name = step.spec, job_name(step.spec, step.attempt)
         if step.retry_of:
-            old = job_name(spec, step.retry_of)
-            _delete_trial_objects(batch, core, settings, old)
-            start_attempt(store, spec.sweep, spec.trial_id, "k8s", job=name)
-            print(f"{_who(spec)}: {step.replaces()}: deleted job {old}, running attempt {step.attempt}", file=out)
-            existing.pop(old, None)
-        if name in existing:
-            _ensure_configmap(core, trial_objects(spec, settings, store_url, step.attempt)[1], existing[name])
-            print(f"{_who(spec)}: exists (job {name}, {_job_phase(existing[name])})", file=out)
-        else:
-            pending.append(step)
-
-    created: list[str] = []
-    last_wait = None
-    while pending:
-        running = sum(1 for job in _items(batch.list_namespaced_job(
-            settings.namespace, label_selector=selector, _preload_content=False)) if not _finished(job))
-        slots = sweep.max_parallel - running
-        if slots <= 0:
-            if not settings.wait_for_slots:
-                for step in pending:
-                    print(f"{_who(step.spec)}: queued (max_parallel {sweep.max_parallel} reached; submit again "
-                          f"later)", file=out)
-                break
-            if last_wait != (running, len(pending)):
-                print(f"waiting: {running} job(s) of sweep {sweep.name} unfinished (max_parallel "
-                      f"{sweep.max_parallel}), {len(pending)} trial(s) left to submit", file=out)
-                last_wait = (running, len(pending))
-            sleep(settings.poll_seconds)
-            continue
-        for step in pending[:slots]:
-            name = job_name(step.spec, step.attempt)
-            # Recorded before the Job exists: a submit interrupted in between finds the attempt and the Job
-            # name it is for, and creates that Job (never a second one).
-            start_attempt(store, step.spec.sweep, step.spec.trial_id, "k8s", job=name)
-            if create_trial_objects(batch, core, trial_objects(step.spec, settings, store_url, step.attempt)):
-                created.append(name)
-                print(f"{_who(step.spec)}: created job {name}", file=out)
-            else:
-                print(f"{_who(step.spec)}: exists (job {name})", file=out)
-        pending = pending[slots:]
-    return created
+            print(f"{_who(step.spec)}: {step.replaces()}: a submit deletes job "
+                  f"{job_name(step.spec, step.retry_of)} and runs attempt {step.attempt}", file=err)
+    manifests = sweep_manifests([s.spec for s in steps], effective_settings(settings, sweep, core, err), store_url,
+                                {s.spec.trial_id: s.attempt for s in steps})
+    names = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
+    out.write(f"# finesweep dry run: sweep {sweep.name}, {len(names)} Job(s) in namespace {settings.namespace}; "
+              f"the controller keeps at most {sweep.search.parallel if sweep.search else sweep.max_parallel} in "
+              f"flight.\n")
+    yaml.safe_dump_all(manifests, out, sort_keys=False, explicit_start=True, width=120)
+    return names
 
 
 @dataclass(frozen=True)
@@ -470,7 +403,7 @@ def _delete_ignoring_404(delete: Callable[..., Any], name: str, namespace: str, 
 def create_trial_objects(batch: Any, core: Any, objects: list[dict]) -> bool:
     """Create one trial attempt's objects (k8s_manifests.trial_objects, the list a dry run prints): the Job, then
     its ConfigMap with the created Job's uid as its owner's. The pod waits for the volume in the few ms in between.
-    False when the Job already existed (someone else created it meanwhile)."""
+    False when the Job already existed (its ConfigMap is then made sure of)."""
     from kubernetes.client.exceptions import ApiException
 
     job_body, configmap = objects
@@ -478,9 +411,14 @@ def create_trial_objects(batch: Any, core: Any, objects: list[dict]) -> bool:
     try:
         job = _json(batch.create_namespaced_job(namespace, job_body, _preload_content=False))
     except ApiException as exc:
-        if exc.status == 409:
-            return False
-        raise
+        if exc.status != 409:
+            raise
+        # It exists (a controller before this one made it): put back its ConfigMap if that creator was interrupted
+        # between the two, or the pod would wait for its volume forever.
+        existing = _read_job(batch, job_body["metadata"]["name"], namespace)
+        if existing is not None:
+            _ensure_configmap(core, configmap, existing)
+        return False
     try:
         _create_configmap(core, configmap, job)
     except Exception:

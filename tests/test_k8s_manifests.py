@@ -168,7 +168,7 @@ def test_no_literal_credentials_only_secret_refs(example_sweeps, monkeypatch):
     settings = k8s_backend.load_settings({"s3_secret_name": "store-creds", "s3_endpoint": "http://minio:9000"})
     out, err = io.StringIO(), io.StringIO()
     for sweep in example_sweeps:
-        k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=err)
+        k8s_backend.dry_run(sweep, trials_of(sweep), STORE_URL, settings, out=out, err=err)
     for text in (out.getvalue(), err.getvalue()):
         assert TEST_ACCESS_KEY not in text and TEST_SECRET_KEY not in text
     for job in jobs_of(yaml.safe_load_all(out.getvalue())):
@@ -491,8 +491,7 @@ from submitter import k8s_backend
 sweep = load_sweeps({str(path)!r})[0]
 trials = sweep.trial_specs() + sweep.reference_specs()
 settings = k8s_backend.load_settings()
-names = k8s_backend.submit(sweep, trials, {str(store)!r}, settings, dry_run=True,
-                           core=k8s_backend.dry_run_core(settings))
+names = k8s_backend.dry_run(sweep, trials, {str(store)!r}, settings, core=k8s_backend.dry_run_core(settings))
 print("RESULT", len(names), any(m.startswith("kubernetes") for m in sys.modules), file=sys.stderr)
 """
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
@@ -517,7 +516,7 @@ def test_dry_run_skips_trials_the_store_marks_done(tmp_path, example_sweeps, set
     store.write_json(f"{trial_prefix(sweep.name, trials[0].trial_id)}/{DONE}",
                      {"files": {}, "evaluation": trials[0].evaluation_id})
     out, err = io.StringIO(), io.StringIO()
-    names = k8s_backend.submit(sweep, trials, str(tmp_path), settings, dry_run=True, out=out, err=err)
+    names = k8s_backend.dry_run(sweep, trials, str(tmp_path), settings, out=out, err=err)
     assert names == [km.job_name(t) for t in trials[1:]]
     assert f"{trials[0].trial_id}): done in the store" in err.getvalue()
     assert trials[0].trial_id not in out.getvalue().split("---", 1)[1]
@@ -542,13 +541,13 @@ def test_dry_run_evaluates_again_a_trial_done_under_other_eval_settings(tmp_path
     assert [t.trial_id for t in again] == [t.trial_id for t in trials]  # evaluation is not identity
     assert again[0].evaluation_id != first.evaluation_id
     out, err = io.StringIO(), io.StringIO()
-    names = k8s_backend.submit(changed, again, str(tmp_path), settings, dry_run=True, out=out, err=err)
+    names = k8s_backend.dry_run(changed, again, str(tmp_path), settings, out=out, err=err)
     assert names == [km.job_name(again[0], 2)] + [km.job_name(t) for t in again[1:]]
     assert (f"was evaluated under other eval settings; evaluating it again (not retraining): a submit deletes job "
             f"{km.job_name(first)} and runs attempt 2") in err.getvalue()
     # The unchanged sweep still finds it done.
     out, err = io.StringIO(), io.StringIO()
-    assert k8s_backend.submit(sweep, trials, str(tmp_path), settings, dry_run=True, out=out,
+    assert k8s_backend.dry_run(sweep, trials, str(tmp_path), settings, out=out,
                               err=err) == [km.job_name(t) for t in trials[1:]]
 
 
@@ -564,11 +563,9 @@ def test_dry_run_goes_on_when_the_store_cannot_be_read(monkeypatch, example_swee
     monkeypatch.setattr(finesweep.store, "open_store", _unreachable_store)
     out, err = io.StringIO(), io.StringIO()
     sweep = example_sweeps[0]
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=err)
+    names = k8s_backend.dry_run(sweep, trials_of(sweep), STORE_URL, settings, out=out, err=err)
     assert len(names) == 3
     assert "could not be read" in err.getvalue() and "without checking" in err.getvalue()
-    with pytest.raises(finesweep.store.StoreError):  # a real submission needs the store
-        k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out, err=err)
 
 
 # ------------------------------------------------------------------------------------------ fake cluster
@@ -688,6 +685,20 @@ def local_store(tmp_path, monkeypatch):
     return tmp_path
 
 
+def schedule(cluster, store_dir, sweep, trials, settings=None, max_attempts: int = 3) -> list[str]:
+    """What the controller's engine does for each trial it runs: controller.K8sBackend.schedule (the store's
+    rule, then the attempt's Job and its ConfigMap); returns the names of the Jobs created."""
+    from finesweep.store import LocalStore
+    from submitter.controller import K8sBackend
+
+    before = len(cluster.created_jobs)
+    backend = K8sBackend(LocalStore(store_dir), STORE_URL, settings or k8s_backend.load_settings(), max_attempts,
+                         sweep=sweep)
+    for spec in trials:
+        backend.schedule(spec)
+    return cluster.created_jobs[before:]
+
+
 def test_dry_run_prints_exactly_the_objects_submit_creates(fake_cluster, local_store, example_sweeps, settings):
     """One build for both (TorchX's dryrun/schedule): with the cluster's finesweep-defaults in place and a tracked
     sweep, the dry run's stream is object for object what the submit then creates, in the same order; the only
@@ -698,11 +709,10 @@ def test_dry_run_prints_exactly_the_objects_submit_creates(fake_cluster, local_s
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=5)
     sweep = dataclasses.replace(sweep, tracking=TrackingSpec(mlflow_uri="http://mlflow.example:5000"))
     out = io.StringIO()
-    planned = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out,
+    planned = k8s_backend.dry_run(sweep, trials_of(sweep), STORE_URL, settings, out=out,
                                  err=io.StringIO(), core=fake_cluster)
     printed = [d for d in yaml.safe_load_all(out.getvalue()) if d is not None]
-    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                                 err=io.StringIO())
+    created = schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     assert created == planned and len(printed) == 2 * len(created)
     live = []
     for name in created:  # the order the submit created them in: each Job, then its ConfigMap
@@ -723,64 +733,55 @@ def test_submit_creates_job_then_owned_configmap_and_is_idempotent(fake_cluster,
                                                                      settings):
     sweep = example_sweeps[0]  # max_parallel 2, 3 trials
     sweep = dataclasses.replace(sweep, max_parallel=5)
-    out = io.StringIO()
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
-                               err=io.StringIO())
+    names = schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     assert names == [km.job_name(t) for t in trials_of(sweep)]
     for name in names:
         owner = fake_cluster.configmaps[f"{name}-spec"]["metadata"]["ownerReferences"]
         assert owner == [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": f"uid-{name}"}]
-    # Again: nothing new, every trial reported as existing; a lost ConfigMap is put back.
+    # Again (a replacement controller): nothing new; a ConfigMap lost between its Job and itself is put back.
     del fake_cluster.configmaps[f"{names[0]}-spec"]
-    out = io.StringIO()
-    again = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
-                               err=io.StringIO())
-    assert again == []
-    assert out.getvalue().count(": exists (job ") == 3
+    assert schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings) == []
     assert f"{names[0]}-spec" in fake_cluster.configmaps
+    owner = fake_cluster.configmaps[f"{names[0]}-spec"]["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == f"uid-{names[0]}"
 
 
-def test_submit_keeps_at_most_max_parallel_unfinished(fake_cluster, local_store, example_sweeps, settings):
-    sweep = example_sweeps[0]
-    sweep = dataclasses.replace(sweep, max_parallel=1)
-    sleeps = []
+def test_the_engine_keeps_at_most_max_parallel_jobs_in_flight(fake_cluster, local_store, example_sweeps, settings):
+    """The controller's loop (engine.run_sweep with K8sBackend) on the in-memory API: with max_parallel 1 only one
+    of the sweep's Jobs is unfinished at any time, and every trial gets exactly one Job."""
+    from finesweep.store import DONE, LocalStore
+    from submitter import engine
+    from submitter.controller import K8sBackend
 
-    def sleep(seconds):  # time passes: whatever runs now finishes
-        sleeps.append(seconds)
-        fake_cluster.finish_all()
+    store = LocalStore(local_store)
+    sweep = dataclasses.replace(example_sweeps[0], max_parallel=1)
+    specs = {s.trial_id: s for s in trials_of(sweep)}
 
-    out = io.StringIO()
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
-                               err=io.StringIO(), sleep=sleep)
-    assert len(names) == 3 and fake_cluster.most_unfinished == 1
-    assert sleeps == [settings.poll_seconds] * 2
-    assert "waiting: 1 job(s) of sweep sft unfinished (max_parallel 1)" in out.getvalue()
+    class RunningPods(K8sBackend):
+        def wait(self, seconds):  # time passes: each Job's pod finishes its trial, which the store then shows
+            for job in fake_cluster.jobs.values():
+                if not k8s_backend._finished(job):
+                    spec = specs[job["metadata"]["labels"]["finesweep.io/trial"]]
+                    store.write_marker(f"{spec.sweep}/{spec.trial_id}/{DONE}", {"evaluation": spec.evaluation_id})
+            fake_cluster.finish_all()
+            super().wait(0)
 
-
-def test_submit_without_waiting_queues_the_rest(fake_cluster, local_store, example_sweeps):
-    settings = k8s_backend.load_settings({"wait_for_slots": False})
-    sweep = example_sweeps[0]  # max_parallel 2
-    out = io.StringIO()
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
-                               err=io.StringIO())
-    assert len(names) == 2 and out.getvalue().count("queued (max_parallel 2 reached") == 1
-    fake_cluster.finish_all()
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                               err=io.StringIO())
-    assert len(names) == 1 and len(fake_cluster.jobs) == 3
+    counts = engine.run_sweep(sweep, store, RunningPods(store, STORE_URL, settings, 3, sweep=sweep), poll_s=0)
+    assert fake_cluster.most_unfinished == 1
+    assert sorted(fake_cluster.created_jobs) == sorted(km.job_name(s) for s in specs.values())
+    assert counts["complete"] == len(sweep.trial_specs()) and counts["failed"] == 0
 
 
-def test_submit_refuses_a_local_store(fake_cluster, example_sweeps, settings, tmp_path):
+def test_submit_refuses_a_local_store(example_sweeps, tmp_path):
     with pytest.raises(ValueError, match="s3://"):
-        k8s_backend.submit(example_sweeps[0], trials_of(example_sweeps[0]), str(tmp_path), settings,
-                           dry_run=False)
+        k8s_backend.check_store_url(str(tmp_path), dry_run=False)
 
 
 def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     sweep = example_sweeps[0]
     sweep = dataclasses.replace(sweep, max_parallel=5)
     trials = trials_of(sweep)
-    k8s_backend.submit(sweep, trials, STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, trials, settings)
     training, failed, queued = (fake_cluster.jobs[km.job_name(t)] for t in trials)
     training["status"] = {"startTime": "2026-01-01T00:00:00Z", "active": 1}
     failed["status"] = {"startTime": "2026-01-01T00:00:00Z", "failed": 1, "conditions": [
@@ -845,7 +846,7 @@ def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
     plan = SweepPlan(sweep, None)
     specs = plan.all_specs()
-    k8s_backend.submit(sweep, specs, STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, specs, settings)
     starved = fake_cluster.jobs[km.job_name(specs[-1])]
     starved["status"] = {"failed": 1, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
@@ -889,7 +890,7 @@ def _pod(job: dict, name: str, created: str, init_state: dict | None, main_state
 def test_follow_logs_streams_train_then_eval_of_the_newest_pod(fake_cluster, local_store, example_sweeps, settings):
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=5)
     trials = trials_of(sweep)
-    k8s_backend.submit(sweep, trials, STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, trials, settings)
     job = fake_cluster.jobs[km.job_name(trials[0])]
     done = {"terminated": {"exitCode": 0}}
     fake_cluster.pods += [
@@ -922,8 +923,7 @@ def test_a_job_whose_configmap_cannot_be_created_is_taken_back(fake_cluster, loc
 
     monkeypatch.setattr(fake_cluster, "create_namespaced_config_map", refuse)
     with pytest.raises(ApiException):
-        k8s_backend.submit(example_sweeps[0], trials_of(example_sweeps[0]), STORE_URL, settings, dry_run=False,
-                           out=io.StringIO(), err=io.StringIO())
+        schedule(fake_cluster, local_store, example_sweeps[0], trials_of(example_sweeps[0]), settings)
     assert fake_cluster.jobs == {}
 
 
@@ -957,25 +957,32 @@ def _fail_job(cluster, job_name_, exit_code=3, reason="Error"):
                              {"terminated": {"exitCode": exit_code, "reason": reason}}, {"waiting": {}}))
 
 
+def _record_failed_jobs(store, sweep, settings) -> int:
+    """What the controller does before a sweep and at every wait: Jobs the cluster gave up on, into the store."""
+    from submitter import engine
+    from submitter.plan import SweepPlan
+
+    return engine.record_cluster_failures(SweepPlan(sweep, None), store, k8s_backend.status(sweep.name, settings))
+
+
 def test_resubmit_retries_exactly_the_failed_trial_as_a_new_attempt(fake_cluster, local_store, example_sweeps,
-                                                                     settings):
+                                                                     settings, caplog):
     """A failed trial's Job and ConfigMap are deleted and attempt 2 gets a Job of its own name; the finished
     trial and the running one are left alone; the store records both attempts."""
     from finesweep.store import LocalStore, TrialState, read_status
 
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
     done, failed, running = trials_of(sweep)[:3]
-    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                       err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     store = LocalStore(local_store)
-    store.write_marker(f"{sweep.name}/{done.trial_id}/_DONE", {})
+    store.write_marker(f"{sweep.name}/{done.trial_id}/_DONE", {"evaluation": done.evaluation_id})
     fake_cluster.jobs[km.job_name(done)]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
     _fail_job(fake_cluster, km.job_name(failed))
     before = set(fake_cluster.jobs)
 
-    out = io.StringIO()
-    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=out,
-                                 err=io.StringIO())
+    assert _record_failed_jobs(store, sweep, settings) == 1
+    caplog.set_level("INFO", logger="finesweep")
+    created = schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     retry = km.job_name(failed, 2)
     assert created == [retry] and retry == f"{km.job_name(failed)}-a2"
     assert fake_cluster.deleted_jobs == [(km.job_name(failed), "Background")]
@@ -986,34 +993,32 @@ def test_resubmit_retries_exactly_the_failed_trial_as_a_new_attempt(fake_cluster
     assert job["metadata"]["labels"]["finesweep.io/attempt"] == "2"
     volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")
     assert volume["configMap"]["name"] == km.configmap_name(failed, 2)
-    assert "attempt 1 failed; retrying: deleted job" in out.getvalue() and f"exists (job {km.job_name(running)}" in \
-        out.getvalue()
+    assert f"created job {retry}" in caplog.text and f"exists, job {km.job_name(running)}" in caplog.text
     status_ = read_status(store, sweep.name, failed.trial_id)
     assert (status_.state, status_.attempt, status_.attempts[0].outcome) == (TrialState.RUNNING, 2, "failed")
     assert "exit 3" in status_.attempts[0].failure["reason"]
     assert read_status(store, sweep.name, running.trial_id).attempt == 1
 
-    # Submitting again creates nothing: every trial's current attempt has its Job.
-    assert k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                              err=io.StringIO()) == []
+    # Scheduled again (a replacement controller) creates nothing: every trial's current attempt has its Job.
+    assert schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings) == []
     assert fake_cluster.created_jobs.count(retry) == 1
 
 
-def test_the_attempt_limit_stops_retries(fake_cluster, local_store, example_sweeps, settings):
+def test_the_attempt_limit_stops_retries(fake_cluster, local_store, example_sweeps, settings, caplog):
     from finesweep.store import LocalStore, read_status
 
+    store = LocalStore(local_store)
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
     spec = trials_of(sweep)[0]
     for attempt in (1, 2):
-        k8s_backend.submit(sweep, [spec], STORE_URL, settings, dry_run=False, out=io.StringIO(), err=io.StringIO(),
-                           max_attempts=2)
+        assert schedule(fake_cluster, local_store, sweep, [spec], settings, max_attempts=2) == \
+            [km.job_name(spec, attempt)]
         _fail_job(fake_cluster, km.job_name(spec, attempt))
-    out = io.StringIO()
-    assert k8s_backend.submit(sweep, [spec], STORE_URL, settings, dry_run=False, out=out, err=io.StringIO(),
-                              max_attempts=2) == []
-    assert "failed 2 attempt(s), the limit (2); not retried" in out.getvalue() and "--max-attempts 3" in \
-        out.getvalue()
-    assert read_status(LocalStore(local_store), sweep.name, spec.trial_id).failed_attempts == 2
+        assert _record_failed_jobs(store, sweep, settings) == 1
+    caplog.set_level("INFO", logger="finesweep")
+    assert schedule(fake_cluster, local_store, sweep, [spec], settings, max_attempts=2) == []
+    assert "failed 2 attempt(s), the limit (2); not retried" in caplog.text and "--max-attempts 3" in caplog.text
+    assert read_status(store, sweep.name, spec.trial_id).failed_attempts == 2
 
 
 def test_dry_run_shows_the_retry_a_submit_would_create(fake_cluster, local_store, example_sweeps, settings):
@@ -1025,7 +1030,7 @@ def test_dry_run_shows_the_retry_a_submit_would_create(fake_cluster, local_store
     start_attempt(store, sweep.name, spec.trial_id, "k8s")
     record_failure(store, sweep.name, spec.trial_id, "job", "OOMKilled", 137)
     out, err = io.StringIO(), io.StringIO()
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=err)
+    names = k8s_backend.dry_run(sweep, trials_of(sweep), STORE_URL, settings, out=out, err=err)
     assert names[0] == km.job_name(spec, 2) and names[1:] == [km.job_name(t) for t in trials_of(sweep)[1:]]
     assert f"attempt 1 failed; retrying: a submit deletes job {km.job_name(spec)} and runs attempt 2" in err.getvalue()
     assert not fake_cluster.jobs  # a dry run touches no cluster
@@ -1038,10 +1043,8 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
 
     sweep = dataclasses.replace(example_sweeps[0], max_parallel=10)
     other = dataclasses.replace(example_sweeps[0], name="other", max_parallel=10)
-    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                       err=io.StringIO())
-    k8s_backend.submit(other, trials_of(other), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                       err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
+    schedule(fake_cluster, local_store, other, trials_of(other), settings)
     mine = {km.job_name(t) for t in trials_of(sweep)}
     deleted = k8s_backend.cancel(sweep.name, settings, out=io.StringIO())
     assert set(deleted) == mine and not mine & set(fake_cluster.jobs)
@@ -1050,8 +1053,7 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
     assert {km.job_name(t) for t in trials_of(other)} <= set(fake_cluster.jobs)  # another sweep is left alone
     store = LocalStore(local_store)
     assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).state is TrialState.RUNNING
-    created = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                                 err=io.StringIO())
+    created = schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     assert set(created) == mine  # same attempt, same Job names: cancelling is not a failed attempt
     assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).attempt == 1
 
@@ -1059,8 +1061,7 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
     path = local_store / "cancel.yaml"  # the example with a shipped eval set, so the command's preflight passes
     path.write_text(EXAMPLE_PIPELINE.replace("chat-small", "sft-open-questions"))
     sweep = dataclasses.replace(load_sweeps(path)[0], max_parallel=10)
-    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                       err=io.StringIO())
+    schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     assert main(["cancel", str(path), "--backend", "k8s", "--store", STORE_URL]) == 0
     assert not {km.job_name(t) for t in trials_of(sweep)} & set(fake_cluster.jobs)
     assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).state is TrialState.STOPPED
@@ -1292,10 +1293,9 @@ def test_sweep_tracking_reaches_the_trial_pods(fake_cluster, local_store, exampl
     settings = dataclasses.replace(settings, extra_env=(
         {"name": "MLFLOW_TRACKING_URI", "value": "http://cluster-default:5000"}, {"name": "HF_HUB_OFFLINE", "value": "1"}))
     out = io.StringIO()
-    k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=True, out=out, err=io.StringIO())
+    k8s_backend.dry_run(sweep, trials_of(sweep), STORE_URL, settings, out=out, err=io.StringIO())
     dry = [d for d in yaml.safe_load_all(out.getvalue().split("\n", 1)[1]) if d and d["kind"] == "Job"]
-    names = k8s_backend.submit(sweep, trials_of(sweep), STORE_URL, settings, dry_run=False, out=io.StringIO(),
-                               err=io.StringIO())
+    names = schedule(fake_cluster, local_store, sweep, trials_of(sweep), settings)
     assert names and len(dry) == len(names)
     for job in dry + [fake_cluster.jobs[n] for n in names]:
         for container in pod_containers(job):
