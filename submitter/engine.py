@@ -237,94 +237,120 @@ def run_sweep(sweep: Sweep, store: ArtifactStore, backend: Backend, start: Start
     Which trials run is store.next_action's rule, with the backend's `max_attempts`: a trial left running or
     unstarted carries on, one that failed below the limit is retried as its next attempt, once per run (one that
     fails again waits for the next submit), one finished under other evaluation settings is evaluated again."""
-    suggester = suggester_for(sweep, store, start)
-    limit = getattr(backend, "max_attempts", DEFAULT_MAX_ATTEMPTS)  # a backend without one: the default limit
-    slots = getattr(backend, "slots", None)
-    parallel = min(suggester.parallel, slots) if slots else suggester.parallel
-    scheduled: set[str] = set()
-    counts = Counter()
-
-    def due(spec: TrialSpec) -> NextAction | None:
-        """What this run does with `spec`: RUN, RETRY or EVALUATE to schedule it, None to leave it."""
-        if spec.trial_id in scheduled:
-            return None
-        status = status_of(store, spec)
-        action = next_action(status, limit)
-        if action is NextAction.SKIP:
-            counts["done_before"] += 1
-            log.info("sweep %s: %s (%s) already %s; skipping", sweep.name, spec.name, spec.trial_id,
-                     status.state.value)
-        elif action is NextAction.OVER_LIMIT:
-            log.error("sweep %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, over_limit_note(status, limit))
-        return action if action in (NextAction.RUN, NextAction.RETRY, NextAction.EVALUATE) else None
-
-    def schedule(spec: TrialSpec, action: NextAction | None = None) -> None:
-        if action is NextAction.EVALUATE:
-            log.info("sweep %s: %s (%s) %s", sweep.name, spec.name, spec.trial_id, EVALUATE_NOTE)
-        elif action is NextAction.RETRY:
-            log.info("sweep %s: retrying %s (%s)", sweep.name, spec.name, spec.trial_id)
-        scheduled.add(spec.trial_id)
-        backend.schedule(spec)
-
-    def check_stopped(specs: list[TrialSpec]) -> None:
-        stopped = [s for s in specs if status_of(store, s).state is TrialState.STOPPED]
-        if stopped:
-            raise SweepStopped(f"sweep {sweep.name} was cancelled ({len(stopped)} trial(s) stopped: "
-                               f"{', '.join(s.name for s in stopped[:5])}); submit it again to carry on")
-
+    run = _SweepRun(sweep, store, backend, start, poll_s)
     log.info("sweep %s (%s): %s, %d trial(s) at a time -> %s", sweep.name, sweep.stage,
              f"search ({sweep.search.method}, budget {sweep.search.budget})" if sweep.search else
-             f"{len(suggester.fixed)} trial(s) + {len(sweep.reference_specs(start))} reference row(s)", parallel,
+             f"{len(run.suggester.trial_specs())} trial(s) + {len(run.refs)} reference row(s)", run.parallel,
              store.url)
-    refs = sweep.reference_specs(start)
-    for spec in refs:
-        action = due(spec)
-        if action is not None:
-            schedule(spec, action)
-    while any(status_of(store, s).state not in SETTLED for s in refs if s.trial_id in scheduled):
-        check_stopped([s for s in refs if s.trial_id in scheduled])
-        backend.wait(poll_s)
-    for spec in suggester.carry_on():  # left running, unstarted or failed by an earlier run: carry on, or retry
-        action = due(spec)
-        if action is not None:
-            if action is NextAction.RUN:
-                log.info("sweep %s: carrying on with %s (%s)", sweep.name, spec.name, spec.trial_id)
-            schedule(spec, action)
-    asked, exhausted = 0, False
-    told: set[str] = set()
-    while True:
-        _log_decisions(suggester, told)
-        active = suggester.unsettled()
-        check_stopped([s for s in active if s.trial_id in scheduled])
-        while len(active) < parallel and not exhausted and (max_new is None or asked < max_new):
-            got = suggester.ask()
-            if got is None:
-                exhausted = True
-                break
-            asked += 1
-            spec, needs_run = got
-            # needs_run: new and unsettled. A trial that failed in an earlier study of this store is asked
-            # again as a settled one; the attempt rule retries it like any other failed trial.
-            action = NextAction.RUN if needs_run else due(spec)
+    run.references()
+    run.carry_on()
+    run.trials(max_new)
+    return run.summary()
+
+
+class _SweepRun:
+    """One run_sweep: its steps, and what this run has scheduled (each trial at most once per run)."""
+
+    def __init__(self, sweep: Sweep, store: ArtifactStore, backend: Backend, start: StartRef | None, poll_s: float):
+        self.sweep, self.store, self.backend, self.poll_s = sweep, store, backend, poll_s
+        self.suggester = suggester_for(sweep, store, start)
+        self.refs = sweep.reference_specs(start)
+        self.limit = getattr(backend, "max_attempts", DEFAULT_MAX_ATTEMPTS)  # without one: the default limit
+        slots = getattr(backend, "slots", None)
+        self.parallel = min(self.suggester.parallel, slots) if slots else self.suggester.parallel
+        self.scheduled: set[str] = set()
+        self.done_before, self.asked = 0, 0
+        self.told: set[str] = set()
+
+    def due(self, spec: TrialSpec) -> NextAction | None:
+        """What this run does with `spec`: RUN, RETRY or EVALUATE to schedule it, None to leave it (logged)."""
+        if spec.trial_id in self.scheduled:
+            return None
+        status = status_of(self.store, spec)
+        action = next_action(status, self.limit)
+        if action is NextAction.SKIP:
+            self.done_before += 1
+            log.info("sweep %s: %s (%s) already %s; skipping", self.sweep.name, spec.name, spec.trial_id,
+                     status.state.value)
+        elif action is NextAction.OVER_LIMIT:
+            log.error("sweep %s: %s (%s) %s", self.sweep.name, spec.name, spec.trial_id,
+                      over_limit_note(status, self.limit))
+        return action if action in (NextAction.RUN, NextAction.RETRY, NextAction.EVALUATE) else None
+
+    def schedule(self, spec: TrialSpec, action: NextAction) -> None:
+        if action is NextAction.EVALUATE:
+            log.info("sweep %s: %s (%s) %s", self.sweep.name, spec.name, spec.trial_id, EVALUATE_NOTE)
+        elif action is NextAction.RETRY:
+            log.info("sweep %s: retrying %s (%s)", self.sweep.name, spec.name, spec.trial_id)
+        self.scheduled.add(spec.trial_id)
+        self.backend.schedule(spec)
+
+    def unsettled(self, specs: list[TrialSpec]) -> list[TrialSpec]:
+        """The scheduled ones of `specs` still under way; a cancelled one ends the run (SweepStopped)."""
+        states = {s.trial_id: status_of(self.store, s).state for s in specs}
+        stopped = [s for s in specs if s.trial_id in self.scheduled and states[s.trial_id] is TrialState.STOPPED]
+        if stopped:
+            raise SweepStopped(f"sweep {self.sweep.name} was cancelled ({len(stopped)} trial(s) stopped: "
+                               f"{', '.join(s.name for s in stopped[:5])}); submit it again to carry on")
+        return [s for s in specs if states[s.trial_id] not in SETTLED]
+
+    def references(self) -> None:
+        """The reference rows first, waited for: guardrails and the report compare every trial against them."""
+        for spec in self.refs:
+            action = self.due(spec)
             if action is not None:
-                schedule(spec, action)
-                active.append(spec)
-        active = [s for s in active if status_of(store, s).state not in SETTLED]
-        if not active and (exhausted or (max_new is not None and asked >= max_new)):
-            break
-        backend.wait(poll_s)
-    _log_decisions(suggester, told)
-    trials = suggester.trial_specs()
-    states = Counter(status_of(store, s).state for s in trials)
-    failed = states[TrialState.FAILED] + sum(status_of(store, s).state is TrialState.FAILED for s in refs)
-    ran = sum(1 for s in [*refs, *trials] if s.trial_id in scheduled
-              and status_of(store, s).state in (TrialState.DONE, TrialState.PRUNED))
-    result = {"done_before": counts["done_before"], "ran": ran, "failed": failed,
-              "complete": states[TrialState.DONE], "pruned": states[TrialState.PRUNED], "asked": asked}
-    log.info("sweep %s: %d trial(s): %d complete, %d pruned, %d failed (reference rows included: %d ran, %d already "
-             "done)", sweep.name, len(trials), result["complete"], result["pruned"], failed, ran,
-             result["done_before"])
-    return result
+                self.schedule(spec, action)
+        while self.unsettled([s for s in self.refs if s.trial_id in self.scheduled]):
+            self.backend.wait(self.poll_s)
+
+    def carry_on(self) -> None:
+        """What an earlier run of a search left running, unstarted or failed: carried on, or retried."""
+        for spec in self.suggester.carry_on():
+            action = self.due(spec)
+            if action is NextAction.RUN:
+                log.info("sweep %s: carrying on with %s (%s)", self.sweep.name, spec.name, spec.trial_id)
+            if action is not None:
+                self.schedule(spec, action)
+
+    def trials(self, max_new: int | None) -> None:
+        """Keep `parallel` trials in flight, asking for the next until the suggester has none (or `max_new` were
+        asked), then wait until every one has settled."""
+        exhausted = False
+        while True:
+            _log_decisions(self.suggester, self.told)
+            active = self.unsettled(self.suggester.unsettled())
+            while len(active) < self.parallel and not exhausted and (max_new is None or self.asked < max_new):
+                got = self.suggester.ask()
+                if got is None:
+                    exhausted = True
+                    break
+                self.asked += 1
+                spec, needs_run = got
+                # needs_run: new and unsettled. A trial that failed in an earlier study of this store is asked
+                # again as a settled one; the attempt rule retries it like any other failed trial.
+                action = NextAction.RUN if needs_run else self.due(spec)
+                if action is not None:
+                    self.schedule(spec, action)
+                    active.append(spec)
+            active = [s for s in active if status_of(self.store, s).state not in SETTLED]
+            if not active and (exhausted or (max_new is not None and self.asked >= max_new)):
+                break
+            self.backend.wait(self.poll_s)
+        _log_decisions(self.suggester, self.told)
+
+    def summary(self) -> dict:
+        trials = self.suggester.trial_specs()
+        states = {s.trial_id: status_of(self.store, s).state for s in [*self.refs, *trials]}
+        count = Counter(states[s.trial_id] for s in trials)
+        failed = sum(state is TrialState.FAILED for state in states.values())
+        ran = sum(1 for tid, state in states.items()
+                  if tid in self.scheduled and state in (TrialState.DONE, TrialState.PRUNED))
+        result = {"done_before": self.done_before, "ran": ran, "failed": failed, "complete": count[TrialState.DONE],
+                  "pruned": count[TrialState.PRUNED], "asked": self.asked}
+        log.info("sweep %s: %d trial(s): %d complete, %d pruned, %d failed (reference rows included: %d ran, %d "
+                 "already done)", self.sweep.name, len(trials), result["complete"], result["pruned"], failed, ran,
+                 self.done_before)
+        return result
 
 
 def _log_decisions(search: Search, told: set[str]) -> None:

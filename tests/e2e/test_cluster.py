@@ -262,7 +262,7 @@ def test_resubmit_creates_no_jobs(smoke, release):
     _, plans, _ = smoke
     for plan in plans:
         for spec in plan.all_specs():
-            assert f"({spec.trial_id}): done in the store, not submitted" in out, out[-3000:]
+            assert f"({spec.trial_id}) already done; skipping" in out, out[-3000:]
     assert "created job" not in out
 
 
