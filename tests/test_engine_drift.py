@@ -1,5 +1,5 @@
-"""Regressions of the loops that drive sweeps drifting apart: the list/grid loop (submitter/local.py run_sweep)
-and the search loop (submitter/engine.py) must run a trial the same way (tracking settings, retries),
+"""Regressions of the loops that drove sweeps drifting apart (the list/grid loop and the search loop, one engine
+now: submitter/engine.py run_sweep): list and search trials must run the same way (tracking settings, retries),
 the commands must see a search's trials wherever they see a list's (status, cancel, logs), and a search space
 must vary only what the stage's trainer reads. The trainer and evaluator are stubs here: the rules, not the
 training."""
@@ -321,3 +321,55 @@ def test_a_trial_killed_by_the_oom_killer_says_so(tmp_path):
     assert "out of memory" in killed_reason(-signal.SIGKILL) and "batch_size" in killed_reason(-signal.SIGKILL)
     assert killed_reason(-signal.SIGTERM) == "killed by SIGTERM"
     assert killed_reason(3) is None and killed_reason(0) is None
+
+
+# ------------------------------------------------------------------- the local backend's slots (one engine)
+
+def test_local_slots_one_on_cpu_one_per_gpu_or_as_set(monkeypatch):
+    monkeypatch.delenv(engine.LOCAL_PARALLEL_ENV, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert engine.local_slots() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert engine.local_slots() == 2
+    monkeypatch.setenv(engine.LOCAL_PARALLEL_ENV, "3")
+    assert engine.local_slots() == 3
+    monkeypatch.setenv(engine.LOCAL_PARALLEL_ENV, "0")
+    with pytest.raises(SweepError, match=engine.LOCAL_PARALLEL_ENV):
+        engine.local_slots()
+
+
+def test_a_local_sweep_with_two_gpus_runs_two_trials_at_once_each_on_its_own(store, monkeypatch):
+    """max_parallel 2 on a machine with two GPUs: the engine keeps two trials in flight, and each trial's
+    processes see only the GPU it was given (CUDA_VISIBLE_DEVICES), never one another's."""
+    import threading
+    import time
+
+    monkeypatch.delenv(engine.LOCAL_PARALLEL_ENV, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    lock, running, seen = threading.Lock(), set(), []
+
+    def fake_phase(module, spec, store_, url, extra_env=None):
+        device = (extra_env or {}).get("CUDA_VISIBLE_DEVICES")
+        with lock:
+            assert device not in running, f"GPU {device} given to two trials at once"
+            running.add(device)
+            seen.append((spec.name, module, device, len(running)))
+        time.sleep(0.3)
+        prefix = st.trial_prefix(spec.sweep, spec.trial_id)
+        if module == "trainer":
+            store_.write_marker(f"{prefix}/{st.TRAINED}", {})
+        else:
+            store_.write_json(f"{prefix}/eval.json", {"summary": {"heldout_loss": 2.0}})
+            store_.write_marker(f"{prefix}/{st.DONE}", {"evaluation": spec.evaluation_id})
+        with lock:
+            running.discard(device)
+        return 0
+
+    monkeypatch.setattr(local, "run_phase", fake_phase)
+    monkeypatch.setattr(engine, "finish", lambda *a, **k: [])
+    sweep = sweep_from(BASE.replace("trials:", "max_parallel: 2\ntrials:") + "  - {name: three, lr: 3.0e-3}\n")
+    counts = engine.submit_local(SweepPlan(sweep, None), store, str(store.root))
+    assert counts["failed"] == 0 and counts["complete"] == 3
+    assert {device for *_, device, _ in seen} == {"0", "1"}
+    assert max(n for *_, n in seen) == 2, "two trials ran at once"
+
