@@ -146,8 +146,12 @@ class K8sBackend:
             k8s_backend._delete_trial_objects(self.batch, self.core, self.settings, job_name(spec, status.attempt))
             status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name,
                                    job=job_name(spec, status.attempt + 1))
-        elif status.attempt == 0:  # never started: record attempt 1 and its Job name first
-            status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name, job=job_name(spec, 1))
+        else:
+            # New (attempt 1), or carried on as the same attempt: under way on a Job that may exist (a replacement
+            # controller), or stopped by a cancel or preempted (its outcome is cleared: running again). The Job name
+            # is recorded before the Job exists, so a replacement controller creates it at most once.
+            status = start_attempt(self.store, spec.sweep, spec.trial_id, self.name,
+                                   job=job_name(spec, max(status.attempt, 1)))
         attempt = max(status.attempt, 1)
         name = job_name(spec, attempt)
         created = k8s_backend.create_trial_objects(self.batch, self.core,

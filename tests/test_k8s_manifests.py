@@ -1065,6 +1065,11 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
     assert main(["cancel", str(path), "--backend", "k8s", "--store", STORE_URL]) == 0
     assert not {km.job_name(t) for t in trials_of(sweep)} & set(fake_cluster.jobs)
     assert read_status(store, sweep.name, trials_of(sweep)[0].trial_id).state is TrialState.STOPPED
+    # Submitted again, the controller carries the stopped trial on as the same attempt: its Job again, running.
+    first = trials_of(sweep)[0]
+    assert schedule(fake_cluster, local_store, sweep, [first], settings) == [km.job_name(first)]
+    again = read_status(store, sweep.name, first.trial_id)
+    assert (again.state, again.attempt) == (TrialState.RUNNING, 1)
     caplog.set_level("INFO", logger="finesweep")
     assert main(["cancel", str(path), "--store", STORE_URL]) == 0  # local: nothing runs in the background
     assert "nothing was cancelled" in caplog.text
