@@ -485,13 +485,13 @@ def write_real(out_dir: Path, train: list[dict], command: str, info: dict | None
     info["device"] = f"CPU {info['cpu']}, {info['cpu_count']} cores shared, 1 torch thread per child"
     (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
     summary = real_summary(train)
+    if pipeline_eval:
+        summary["evaluation"] = pipeline_eval["summary"]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     text = real_markdown(train, summary, info)
     if pipeline_eval:
         from . import pipeline_eval as pe
 
-        summary["evaluation"] = pipeline_eval["summary"]
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         text += ("\nEvaluation against training (goal: at most 20%), the shipped pipeline's trials "
                  f"(`{pipeline_eval['sweep']}`, first trial of each stage, trained and evaluated by the local runner "
                  "in a fresh store each repeat; `bench/pipeline_eval.py`, every run in `pipeline_eval.json`):\n\n"

@@ -138,8 +138,8 @@ def _step(run: _Evaluation, store: ArtifactStore, part: str, body, required: boo
         log.error("%s: %s failed (%s: %s); going on: eval.json keeps every other figure and records this error",
                   run.label, part, type(err).__name__, reason)
     finally:
-        # Where the evaluation's time goes (eval.json timings_s: model build, each set, held-out, benchmark): the
-        # figures the report's Cost section and `make bench --model real` set against training.
+        # Where the evaluation's time goes (eval.json timings_s: model build, each set, held-out, benchmark): what
+        # `make bench --model real` (bench/pipeline_eval.py) sets against training.
         run.result.setdefault("timings_s", {})[part] = round(time.time() - started, 2)
 
 

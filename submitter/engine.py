@@ -57,10 +57,10 @@ class Backend(Protocol):
         """Block until something may have changed (or `seconds` passed)."""
 
 
-def local_slots() -> int:
-    """Trials this machine runs at once: FINESWEEP_LOCAL_PARALLEL, else one per visible GPU (each trial gets its
-    own through CUDA_VISIBLE_DEVICES, as on a workstation with several), else 1 (on CPU, trials at once would
-    share the same cores and memory)."""
+def local_slots(devices: list[str] | None = None) -> int:
+    """Trials this machine runs at once: FINESWEEP_LOCAL_PARALLEL, else one per visible GPU (`devices`, default
+    _cuda_devices(); each trial gets its own through CUDA_VISIBLE_DEVICES, as on a workstation with several), else 1
+    (on CPU, trials at once would share the same cores and memory)."""
     raw = os.environ.get(LOCAL_PARALLEL_ENV, "").strip()
     if raw:
         try:
@@ -73,7 +73,7 @@ def local_slots() -> int:
             raise SweepError(LOCAL_PARALLEL_ENV, "(environment)", f"{raw!r} is not a whole number >= 1",
                              f"unset it, or set e.g. {LOCAL_PARALLEL_ENV}=2")
         return value
-    return max(1, len(_cuda_devices()))
+    return max(1, len(_cuda_devices() if devices is None else devices))
 
 
 def _cuda_devices() -> list[str]:
@@ -110,8 +110,9 @@ class LocalBackend:
 
         self.store, self.store_url, self.max_attempts = store, store_url, max_attempts
         self.tracking = local.tracking_env(sweep) if sweep is not None else None
-        self.slots = slots or local_slots()
-        self.devices = _cuda_devices() if self.slots > 1 else []
+        devices = _cuda_devices()
+        self.slots = slots or local_slots(devices)
+        self.devices = devices if self.slots > 1 else []
         self.free_devices = list(self.devices)
         self.lock = threading.Lock()
         self.threads: dict[str, threading.Thread] = {}
@@ -191,8 +192,8 @@ class FixedTrials:
         self.asked += 1
         return self.fixed[self.asked - 1], False  # whether it runs: store.next_action (the loop's `due`)
 
-    def unsettled(self) -> list[TrialSpec]:
-        return [s for s in self.fixed[:self.asked] if status_of(self.store, s).state not in SETTLED]
+    def asked_specs(self) -> list[TrialSpec]:
+        return self.fixed[:self.asked]
 
     def decisions(self) -> list[tuple[TrialSpec, int, float]]:
         return []
@@ -206,14 +207,15 @@ class SearchTrials(Search):
     def parallel(self) -> int:
         return self.sweep.search.parallel
 
+    def asked_specs(self) -> list[TrialSpec]:
+        """Every trial the study has asked for (aliases of an earlier config left out), in number order."""
+        return [self.spec_of(rec) for rec in self.records() if rec.get("alias_of") is None]
+
     def carry_on(self) -> list[TrialSpec]:
-        out = []
-        for rec in self.records():
-            if rec.get("alias_of") is None:
-                spec = self.spec_of(rec)
-                self.ensure_monitor(spec)
-                out.append(spec)
-        return out
+        specs = self.asked_specs()
+        for spec in specs:
+            self.ensure_monitor(spec)
+        return specs
 
 
 def suggester_for(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) -> FixedTrials | SearchTrials:
@@ -286,7 +288,8 @@ class _SweepRun:
         self.backend.schedule(spec)
 
     def unsettled(self, specs: list[TrialSpec]) -> list[TrialSpec]:
-        """The scheduled ones of `specs` still under way; a cancelled one ends the run (SweepStopped)."""
+        """The ones of `specs` not settled in the store (one read each); a cancelled one this run scheduled ends the
+        run (SweepStopped)."""
         states = {s.trial_id: status_of(self.store, s).state for s in specs}
         stopped = [s for s in specs if s.trial_id in self.scheduled and states[s.trial_id] is TrialState.STOPPED]
         if stopped:
@@ -318,7 +321,7 @@ class _SweepRun:
         exhausted = False
         while True:
             _log_decisions(self.suggester, self.told)
-            active = self.unsettled(self.suggester.unsettled())
+            active = self.unsettled(self.suggester.asked_specs())
             while len(active) < self.parallel and not exhausted and (max_new is None or self.asked < max_new):
                 got = self.suggester.ask()
                 if got is None:
@@ -373,11 +376,6 @@ def finish(sweep: Sweep, store: ArtifactStore, start: StartRef | None = None) ->
     return specs
 
 
-def study_specs(plan, store: ArtifactStore) -> list[TrialSpec]:
-    """Reference rows, then every trial of a search sweep's study (what status, logs and the report list)."""
-    return [*plan.references(), *Search(plan.sweep, store, plan.start).trial_specs()]
-
-
 def pruned_note(store: ArtifactStore, spec: TrialSpec) -> str:
     """Where a pruned trial stopped, for `make status`."""
     from finesweep.store import read_progress
@@ -401,7 +399,7 @@ def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int =
     return counts
 
 
-# ------------------------------------------------------------------------- list and grid sweeps on a cluster
+# ------------------------------------------------------------------------- a sweep's trials, for the commands
 
 def record_cluster_failures(plan, store: ArtifactStore, rows: list[dict]) -> int:
     """k8s_backend.record_job_failures for the trials of one plan (status rows of its sweep), a search sweep's
@@ -412,9 +410,7 @@ def record_cluster_failures(plan, store: ArtifactStore, rows: list[dict]) -> int
 
 
 def sweep_specs(plan, store: ArtifactStore) -> list:
-    """The plan's rows, and for a search sweep every trial its study holds (finesweep.search). Every command
-    that looks trials up (status, cancel, logs) goes through here: plan.all_specs() alone misses the trials a
-    search suggested."""
-    if plan.sweep.search is None:
-        return plan.all_specs()
-    return study_specs(plan, store)
+    """The plan's reference rows, then its trials as its suggester knows them (a search: every trial its study
+    holds). Every command that looks trials up (status, cancel, logs) goes through here: plan.all_specs() alone
+    misses the trials a search suggested."""
+    return [*plan.references(), *suggester_for(plan.sweep, store, plan.start).trial_specs()]
