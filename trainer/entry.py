@@ -123,3 +123,9 @@ def run_trial_command(prog: str, doc: str, force_help: str, argv: list[str] | No
         raise
     finally:
         write_rank_outcome(code, error)
+        if code in (exitcodes.OK, exitcodes.PREEMPTED):
+            # Only a rank that ended well waits for its peers; a failed one leaves, and the launcher stops the rest
+            # (the outcome is written first, so a rank stopped while waiting here still reports its own).
+            from .runtime import end_distributed
+
+            end_distributed()

@@ -97,6 +97,22 @@ def barrier() -> None:
         dist.barrier(group=_cpu_group())
 
 
+def end_distributed() -> None:
+    """Leave the process group together, after this rank is done (trained and saved, or checkpointed and
+    stopping). Without it a rank that had nothing to save reached interpreter exit while the main process was
+    still uploading, and tore the group down under a live peer: gloo aborted it ("terminate called without an
+    active exception", SIGABRT) and the launcher failed a trial that had saved. So: every rank waits for the
+    others here, then the group (and the CPU-side one) is destroyed while no rank is communicating."""
+    global _CPU_GROUP
+    if not distributed():
+        return
+    import torch.distributed as dist
+
+    dist.barrier(group=_cpu_group())
+    dist.destroy_process_group()
+    _CPU_GROUP = None
+
+
 def broadcast_from_main(value):
     """The main process's `value` on every rank (picklable; e.g. a scratch path, a checkpoint found or not)."""
     if not distributed():
