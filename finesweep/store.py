@@ -541,6 +541,40 @@ def iter_trials(store: ArtifactStore, sweep: str) -> Iterator[tuple[str, dict]]:
             yield parts[1], store.read_json(key)
 
 
+# ------------------------------------------------------------------ a local submit running a sweep
+# <sweep>/_LOCAL_RUN: the foreground `finesweep submit` running the sweep on some machine (host, pid), written
+#   when it starts the sweep and removed when it ends, so `finesweep cancel` (local backend) can stop it as the
+#   cluster's cancel stops a controller. A record left by a submit that died is harmless: cancel checks the pid.
+LOCAL_RUN = "_LOCAL_RUN"
+
+
+def record_local_run(store: ArtifactStore, sweep: str, host: str, pid: int) -> None:
+    store.write_json(f"{sweep}/{LOCAL_RUN}", {"host": host, "pid": pid, "started_at": time.time()})
+
+
+def read_local_run(store: ArtifactStore, sweep: str) -> dict | None:
+    return _optional_json(store, f"{sweep}/{LOCAL_RUN}")
+
+
+def clear_local_run(store: ArtifactStore, sweep: str, pid: int) -> None:
+    """Remove the record if it is still this process's (a later submit may have taken the sweep over)."""
+    record = read_local_run(store, sweep)
+    if record is not None and record.get("pid") == pid:
+        store.delete(f"{sweep}/{LOCAL_RUN}")
+
+
+def stop_running_trials(store: ArtifactStore, sweep: str, trial_ids: Iterable[str]) -> list[str]:
+    """Mark each of the trials with an attempt under way `stopped` (cancel, both backends: the caller names them,
+    a search's suggested trials included, as a running trial has no spec.json in the store yet); returns their
+    ids. Finished artifacts stay, and a later submit carries each on as the same attempt."""
+    stopped = []
+    for trial_id in trial_ids:
+        if read_status(store, sweep, trial_id).state is TrialState.RUNNING:
+            end_attempt(store, sweep, trial_id, "stopped")
+            stopped.append(trial_id)
+    return stopped
+
+
 # ------------------------------------------------------------------ search: evaluation during training
 # <trial>/monitor.json: when and what to evaluate during training (written by the search engine before the
 #   trial starts, with what its trainer needs to rebuild the study and make the pruning decisions itself;

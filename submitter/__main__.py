@@ -21,7 +21,8 @@ COMMANDS = (("submit", "validate, then run (local) or submit (k8s) every unfinis
             ("status", "one line per trial: state, attempts, key metrics, failure reason"),
             ("logs", "print (local) or follow (k8s) a trial's logs"),
             ("report", "build the sweep reports from the store"),
-            ("cancel", "k8s: delete the sweep's Jobs and ConfigMaps (finished artifacts stay)"))
+            ("cancel", "stop the sweep (k8s: delete its Jobs and ConfigMaps; local: stop the submit running it here) "
+                       "and mark its running trials stopped (finished artifacts stay)"))
 # Command-line flag of the settings a user gives on the command line, so errors name what they typed: the
 # cluster settings' from their declaration (submitter/cluster_settings.py), and the store.
 FLAGS = {**{s.field: s.flag for s in SETTINGS if s.flag}, "store": "--store (STORE=)"}
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands
 
         return getattr(commands, args.command)(args, store)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or `finesweep cancel`: the trials under way are marked stopped
+        log.warning("%s interrupted; submit again to carry on", args.command)
+        return 130
     except SweepError as err:
         log.error("invalid sweep%s: %s", nothing, err)
         return 2

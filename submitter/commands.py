@@ -7,8 +7,8 @@ import sys
 import time
 
 from finesweep.spec import StartRef, resolve_sweep_path
-from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, end_attempt,
-                             status_of, trial_prefix)
+from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, clear_local_run,
+                             read_local_run, status_of, stop_running_trials, trial_prefix)
 
 from .engine import record_cluster_failures, sweep_specs
 from .plan import SweepPlan, load_plan, resolve_recorded_starts, select_best
@@ -100,16 +100,15 @@ def _max_attempts(args) -> int:
 
 
 def cancel(args, store: ArtifactStore) -> int:
-    """k8s: delete the pipeline's controller Job and ConfigMap, then the sweep's Jobs (pods by propagation)
-    and ConfigMaps, and mark its unfinished trials stopped in the store (a search sweep's: every trial of its
-    study, as `status` lists them); finished artifacts stay, and a later submit carries on. Local: trials run
-    in the foreground `submit` process only, so there is nothing else to stop (Ctrl-C stops that one)."""
+    """Stop a sweep file's running sweeps and mark their unfinished trials stopped in the store (a search sweep's:
+    every trial of its study, as `status` lists them); finished artifacts stay, and a later submit carries on
+    (each stopped trial as the same attempt). k8s: delete the pipeline's controller Job and ConfigMap, then the
+    sweep's Jobs (pods by propagation) and ConfigMaps. Local: SIGTERM to the `finesweep submit` running the
+    sweep on this machine (its record in the store), which stops its trial processes as pods are stopped."""
     plans = load_plan(args.sweep, store, allow_unresolved=True, check_data=False)
     resolve_recorded_starts(plans, store)
     if args.backend != "k8s":
-        log.info("local backend: trials run only inside a foreground `finesweep submit`; stop it with Ctrl-C. "
-                 "Nothing else runs, so nothing was cancelled (finished trials stay in %s)", store.url)
-        return 0
+        return _cancel_local(plans, store)
     from . import k8s_backend
 
     settings = k8s_backend.load_settings(k8s_backend.overrides_from(args))
@@ -119,14 +118,65 @@ def cancel(args, store: ArtifactStore) -> int:
         log.info("pipeline %s: controller job and its ConfigMap deleted", pipeline)
     for plan in plans:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
-        stopped = 0
-        for spec in sweep_specs(plan, store) if plan.resolved else []:
-            if status_of(store, spec).state is TrialState.RUNNING:
-                end_attempt(store, spec.sweep, spec.trial_id, "stopped")
-                stopped += 1
+        stopped = _stop_trials(plan, store)
         log.info("sweep %s: %d Job(s) deleted, %d trial(s) marked stopped; finished trials stay in %s",
-                 plan.sweep.name, len(deleted), stopped, store.url)
+                 plan.sweep.name, len(deleted), len(stopped), store.url)
     return 0
+
+
+def _stop_trials(plan: SweepPlan, store: ArtifactStore) -> list[str]:
+    return stop_running_trials(store, plan.sweep.name,
+                               [spec.trial_id for spec in sweep_specs(plan, store)] if plan.resolved else [])
+
+
+LOCAL_CANCEL_WAIT_S = 600  # the running trial saves a checkpoint first (one training step, then the upload)
+
+
+def _cancel_local(plans: list[SweepPlan], store: ArtifactStore) -> int:
+    import os
+    import signal
+    import socket
+
+    code = 0
+    for plan in plans:
+        name = plan.sweep.name
+        record = read_local_run(store, name)
+        if record is None:
+            log.info("sweep %s: no local submit is running it; nothing to stop", name)
+            continue
+        host, pid = record.get("host"), int(record.get("pid") or 0)
+        if host != socket.gethostname():
+            log.error("sweep %s is run by a local submit on host %s (pid %d), not on this one (%s). Fix: run "
+                      "`finesweep cancel` there", name, host, pid, socket.gethostname())
+            code = 1
+            continue
+        if _submit_alive(pid):
+            log.info("sweep %s: stopping the local submit running it (pid %d); its trial saves a checkpoint first",
+                     name, pid)
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.time() + LOCAL_CANCEL_WAIT_S
+            while _submit_alive(pid) and time.time() < deadline:
+                time.sleep(0.5)
+            if _submit_alive(pid):
+                log.error("sweep %s: the local submit (pid %d) is still running after %d s. Fix: stop it with "
+                          "`kill %d`, then cancel again", name, pid, LOCAL_CANCEL_WAIT_S, pid)
+                code = 1
+                continue
+        stopped = _stop_trials(plan, store)  # what a submit that died could not mark itself
+        clear_local_run(store, name, pid)
+        log.info("sweep %s: local submit (pid %d) stopped, %d more trial(s) marked stopped; finished trials stay "
+                 "in %s", name, pid, len(stopped), store.url)
+    return code
+
+
+def _submit_alive(pid: int) -> bool:
+    """A live `finesweep submit` process with this pid (a stale record's pid may belong to another program)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(b"submitter" in a or b"finesweep" in a for a in argv) and b"submit" in argv
 
 
 def status(args, store: ArtifactStore) -> int:

@@ -389,12 +389,18 @@ def pruned_note(store: ArtifactStore, spec: TrialSpec) -> str:
 
 def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict:
     """`make submit` of one sweep (list, grid or search) on this machine: run_sweep with the LocalBackend, then
-    best and report (finish). Returns run_sweep's counts."""
+    best and report (finish). Returns run_sweep's counts. Ctrl-C, SIGTERM or `finesweep cancel` stops it
+    (local.running_here)."""
     if not plan.resolved:
         from .plan import resolve_start
 
         plan.start = resolve_start(plan.sweep, store)
-    counts = run_sweep(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep), plan.start)
+    from .local import running_here
+
+    trial_ids = lambda: [spec.trial_id for spec in sweep_specs(plan, store)]  # noqa: E731 - read when interrupted
+    with running_here(store, plan.sweep.name, trial_ids):
+        counts = run_sweep(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep),
+                           plan.start)
     finish(plan.sweep, store, plan.start)
     return counts
 

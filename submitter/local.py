@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from finesweep.store import (PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
-                             TrialStatus, end_attempt, failure_line, next_action, over_limit_note, status_of,
-                             record_failure, start_attempt, trial_prefix)
+                             TrialStatus, clear_local_run, end_attempt, failure_line, next_action, over_limit_note,
+                             record_failure, record_local_run, start_attempt, status_of, stop_running_trials,
+                             trial_prefix)
 from finesweep.spec import Sweep, TrialSpec
 
 from .plan import write_spec
@@ -44,16 +50,83 @@ def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str
         lines = []
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors="replace") as proc:
-            for line in proc.stdout:
-                lines.append(line)
-                if not _noise(line):
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
+            with _children_lock:
+                _children.add(proc)
+            try:
+                _relay(proc, lines)
+            except KeyboardInterrupt:
+                # Ctrl-C or `finesweep cancel`: stop the trial as a pod is stopped (SIGTERM: the trainer saves a
+                # checkpoint and exits 143), keep its log, and let the caller mark it stopped.
+                proc.terminate()
+                _relay(proc, lines)
+                proc.wait()
+                store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
+                raise
+            finally:
+                with _children_lock:
+                    _children.discard(proc)
         store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
+        if _stopping.is_set():
+            raise Interrupted(f"{phase} stopped by an interrupted submit (exit {proc.returncode})")
         if proc.returncode != 0:
             reason = killed_reason(proc.returncode) or failure_line(lines) or "no output"
             record_failure(store, spec.sweep, spec.trial_id, phase, reason, proc.returncode)
         return proc.returncode
+
+
+def _relay(proc: subprocess.Popen, lines: list[str]) -> None:
+    """A child's output, line by line, to the terminal (less library noise) and into `lines`, until it closes."""
+    for line in proc.stdout:
+        lines.append(line)
+        if not _noise(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+# The trial processes this submit has running (several with more than one local slot), so an interrupted submit
+# stops them all, and run_phase knows its child ended because of that, not of a failure.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+class Interrupted(Exception):
+    """A trial process ended because the submit running it was interrupted: the attempt is stopped, not failed."""
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def running_here(store: ArtifactStore, sweep: str, trial_ids: Callable[[], list[str]]) -> Iterator[None]:
+    """While this process runs `sweep` on the local backend: its record in the store (host, pid), which
+    `finesweep cancel` reads to stop it, and SIGTERM taken as Ctrl-C. Either one stops every trial process it
+    started (SIGTERM, as a pod is stopped) and marks the trials under way stopped (store.stop_running_trials, as
+    the cluster's cancel does); a later submit carries them on."""
+    pid = os.getpid()
+    _stopping.clear()
+    record_local_run(store, sweep, socket.gethostname(), pid)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stopping.set()
+        with _children_lock:
+            children = list(_children)
+        for proc in children:
+            proc.terminate()
+        for proc in children:
+            proc.wait()
+        stop_running_trials(store, sweep, trial_ids())  # those whose run_phases did not get to it
+        log.warning("sweep %s: interrupted; the trials under way are marked stopped, finished trials stay in %s, "
+                    "and a later submit carries on", sweep, store.url)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        clear_local_run(store, sweep, pid)
 
 
 def _noise(line: str) -> bool:
@@ -68,7 +141,7 @@ def tracking_env(sweep: Sweep) -> dict[str, str] | None:
 
 
 # What became of a trial this time (run_trial, begin_trial, run_phases).
-SKIPPED, OVER_LIMIT, DONE, PRUNED, FAILED = "skipped", "over_limit", "done", "pruned", "failed"
+SKIPPED, OVER_LIMIT, DONE, PRUNED, FAILED, STOPPED = "skipped", "over_limit", "done", "pruned", "failed", "stopped"
 
 
 def begin_trial(spec: TrialSpec, store: ArtifactStore, max_attempts: int,
@@ -93,7 +166,8 @@ def run_phases(spec: TrialSpec, status: TrialStatus, store: ArtifactStore, store
                tracking: dict[str, str] | None, label: str) -> str:
     """The second half of run_trial, for the attempt begin_trial started: train (unless trained) and evaluate,
     with the sweep's `tracking` settings (tracking_env). A trial its trainer pruned for a search is not
-    evaluated. Returns DONE, PRUNED or FAILED (failed, or preempted: the next submit resumes it)."""
+    evaluated. Returns DONE, PRUNED, FAILED (failed, or preempted: the next submit resumes it) or STOPPED (the
+    submit was interrupted while the trial ran in a slot's thread)."""
     train = spec.trains and not status.trained
     log.info("%s %s (attempt %d)", label, "training" if train else "evaluating", status.attempt)
     code = 0
@@ -107,6 +181,10 @@ def run_phases(spec: TrialSpec, status: TrialStatus, store: ArtifactStore, store
     except KeyboardInterrupt:
         end_attempt(store, spec.sweep, spec.trial_id, "stopped")  # not failed: the next submit carries on
         raise
+    except Interrupted as stop:  # in a slot's thread: the submit (main thread) was interrupted
+        end_attempt(store, spec.sweep, spec.trial_id, "stopped")
+        log.warning("%s: %s", label, stop)
+        return STOPPED
     if code == 0:
         end_attempt(store, spec.sweep, spec.trial_id, "done")
         return DONE

@@ -1071,8 +1071,8 @@ def test_cancel_deletes_the_sweeps_jobs_and_configmaps_and_a_resubmit_carries_on
     again = read_status(store, sweep.name, first.trial_id)
     assert (again.state, again.attempt) == (TrialState.RUNNING, 1)
     caplog.set_level("INFO", logger="finesweep")
-    assert main(["cancel", str(path), "--store", STORE_URL]) == 0  # local: nothing runs in the background
-    assert "nothing was cancelled" in caplog.text
+    assert main(["cancel", str(path), "--store", STORE_URL]) == 0  # local: no local submit runs this sweep
+    assert "no local submit is running it; nothing to stop" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ controller
