@@ -298,7 +298,7 @@ class Failure:
     phase: str  # train | eval | job (the cluster gave up on the Job: OOMKilled, deadline, exit 3)
     reason: str
     exit_code: int | None = None
-    attempt: int = 0  # 0: written before attempts were recorded
+    attempt: int = 0  # the attempt it ended (record_failure always names one)
     at: float = 0.0
     job: str | None = None
 
@@ -337,8 +337,6 @@ class TrialStatus:
 
     @property
     def failed_attempts(self) -> int:
-        if self.failure is not None and not self.attempts:
-            return 1  # failed before attempts were recorded
         return sum(a.outcome == "failed" for a in self.attempts)
 
     @property
@@ -362,9 +360,9 @@ def read_status(store: ArtifactStore, sweep: str, trial_id: str, evaluation: str
     done = marked and not stale
     trained = marked or store.exists(f"{prefix}/{TRAINED}")
     failure = None
-    if not done and store.exists(f"{prefix}/{FAILED}"):
+    if not done and attempts and store.exists(f"{prefix}/{FAILED}"):
         failure = _failure_from(store.read_json(f"{prefix}/{FAILED}"))
-        if attempts and _is_stale(failure, attempts[-1]):
+        if failure.attempt != attempts[-1].number:  # an earlier attempt's, reported late: not this one's
             failure = None
     last = attempts[-1] if attempts else None
     if done:
@@ -447,13 +445,10 @@ def start_attempt(store: ArtifactStore, sweep: str, trial_id: str, backend: str,
     prefix = trial_prefix(sweep, trial_id)
     status = read_status(store, sweep, trial_id)
     attempts = list(status.attempts)
-    if status.failure is not None:
+    if status.failure is not None:  # (read_status counts a failure only for the current attempt)
         failed = status.failure
-        if attempts:
-            attempts[-1] = _replace(attempts[-1], outcome="failed", ended_at=attempts[-1].ended_at or failed.at,
-                                    failure=failed.as_dict())
-        else:  # failed before attempts were recorded: that was attempt 1
-            attempts.append(Attempt(1, "unknown", failed.at, failed.job, "failed", failed.at, failed.as_dict()))
+        attempts[-1] = _replace(attempts[-1], outcome="failed", ended_at=attempts[-1].ended_at or failed.at,
+                                failure=failed.as_dict())
     if not attempts:
         attempts.append(Attempt(1, backend, time.time(), job))
     elif attempts[-1].outcome == "failed" or (attempts[-1].outcome == "done" and store.exists(f"{prefix}/{DONE}")):
@@ -484,6 +479,8 @@ def record_failure(store: ArtifactStore, sweep: str, trial_id: str, phase: str, 
     prefix = trial_prefix(sweep, trial_id)
     status = read_status(store, sweep, trial_id)
     current = status.attempt
+    if current == 0:  # every runner records the attempt before it starts anything that can fail
+        raise RuntimeError(f"{prefix}: no attempt under way to record a failure for (start_attempt first)")
     if attempt is not None and attempt < current:
         return None
     if exit_code == PREEMPTED_EXIT:
@@ -491,8 +488,7 @@ def record_failure(store: ArtifactStore, sweep: str, trial_id: str, phase: str, 
         return None
     failure = Failure(phase, reason, exit_code, attempt or current, time.time(), job)
     store.write_json(f"{prefix}/{FAILED}", failure.as_dict())
-    if status.attempts:
-        end_attempt(store, sweep, trial_id, "failed")
+    end_attempt(store, sweep, trial_id, "failed")
     return failure
 
 
@@ -519,14 +515,6 @@ def _failure_from(record: dict) -> Failure:
     return Failure(phase=str(record.get("phase", "?")), reason=str(record.get("reason", "")),
                    exit_code=record.get("exit_code"), attempt=int(record.get("attempt") or 0),
                    at=float(record.get("at") or 0.0), job=record.get("job"))
-
-
-def _is_stale(failure: Failure, last: Attempt) -> bool:
-    """A failure belongs to an earlier attempt than the current one (by number, or for a record written before
-    attempts were numbered, by time)."""
-    if failure.attempt:
-        return failure.attempt < last.number
-    return failure.at < last.started_at
 
 
 def _replace(attempt: Attempt, **changes: Any) -> Attempt:

@@ -249,9 +249,11 @@ def record_job_failures(store: Any, trials: Iterable[TrialSpec], rows: list[dict
         if row["phase"] != "Failed" or spec is None:
             continue
         current = status_of(store, spec)
-        if current.state in (TrialState.DONE, TrialState.FAILED) or row["attempt"] < max(current.attempt, 1):
+        # A Job of an earlier attempt, or of none this store knows (its attempts.json gone): not this attempt's.
+        if current.state in (TrialState.DONE, TrialState.FAILED) or row["attempt"] != current.attempt:
             continue
-        if record_failure(store, spec.sweep, spec.trial_id, "job", row["reason"], row["exit_code"],
+        phase, reason = row["failure"] or ("job", row["reason"])
+        if record_failure(store, spec.sweep, spec.trial_id, phase, reason, row["exit_code"],
                           job=row["job"], attempt=row["attempt"]) is not None:
             logging.getLogger("finesweep").warning("%s: job %s failed: %s", _who(spec), row["job"], row["reason"])
             written += 1
@@ -480,7 +482,7 @@ def job_row(job: dict, pod: dict | None) -> dict:
     labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
     conditions = {c["type"]: c for c in state.get("conditions") or [] if c.get("status") == "True"}
     failed_attempts = state.get("failed") or 0
-    finished, exit_code = None, None
+    finished, exit_code, failure = None, None, None
     if "Complete" in conditions:
         phase, reason = "Succeeded", ""
         finished = state.get("completionTime") or conditions["Complete"].get("lastTransitionTime")
@@ -490,6 +492,7 @@ def job_row(job: dict, pod: dict | None) -> dict:
         # The Job's condition says only that it gave up; the pod says why (OOMKilled, exit 3, ...).
         ended, exit_code = _failed_container(pod) if pod else ("", None)
         reason = f"{reason}; last pod: {ended}" if ended else reason
+        failure = _own_failure(pod) if pod else None
         finished = cond.get("lastTransitionTime")
     elif spec.get("suspend"):
         phase = "Pending"
@@ -510,7 +513,10 @@ def job_row(job: dict, pod: dict | None) -> dict:
         "finished": finished,
         "reason": reason,
         "exit_code": exit_code,  # of the failed container, when the Job failed
-        "attempt": int(labels.get(LABEL_ATTEMPT) or 1),  # Jobs from before attempts were labelled: attempt 1
+        # (phase, reason) to record for a failed Job: what its process said, as a local run records it, when it
+        # exited with an error of its own; else None, and the Job's reason stands (phase "job").
+        "failure": failure,
+        "attempt": int(labels.get(LABEL_ATTEMPT) or 0),  # every trial Job carries its attempt; 0: none
     }
 
 
@@ -518,18 +524,38 @@ def _failed_container(pod: dict) -> tuple[str, int | None]:
     """(`train: OOMKilled (exit 137)`, 137) for the first container of the pod that ended badly, else ("", None).
     With the container's last log line when the kubelet kept it (terminationMessagePolicy FallbackToLogsOnError):
     `eval: Error (exit 3): ... configuration error: ...: checksum differs from marker ...`."""
+    found = _first_failed(pod)
+    if found is None:
+        return "", None
+    name, ended, last = found
+    code = ended["exitCode"]
+    reason = f"{name}: {ended.get('reason') or 'Error'} (exit {code})"
+    return (f"{reason}: {last}" if last else reason), code
+
+
+def _own_failure(pod: dict) -> tuple[str, str] | None:
+    """(container, its failure line) when the pod's first failed container exited with an error of its own and
+    said why: the phase and reason a local run records for the same failure (local.run_phase: failure_line of
+    the process's output). None when the cluster ended it (OOMKilled, a deadline) or it said nothing."""
+    found = _first_failed(pod)
+    if found is None:
+        return None
+    name, ended, last = found
+    return (name, last) if last and (ended.get("reason") or "Error") == "Error" else None
+
+
+def _first_failed(pod: dict) -> tuple[str, dict, str] | None:
+    """(name, its `terminated` state, its failure line or "") of the first container of the pod that ended badly."""
     status_ = pod.get("status") or {}
     for container in (status_.get("initContainerStatuses") or []) + (status_.get("containerStatuses") or []):
         ended = (container.get("state") or {}).get("terminated") or \
             (container.get("lastState") or {}).get("terminated") or {}
         if ended.get("exitCode") not in (None, 0):
-            code = ended["exitCode"]
-            reason = f"{container['name']}: {ended.get('reason') or 'Error'} (exit {code})"
             last = failure_line((ended.get("message") or "").splitlines())
             if len(last) > FAILURE_LINE_LIMIT:  # one line a person reads in `make status`
                 last = last[:FAILURE_LINE_LIMIT - 3] + "..."
-            return (f"{reason}: {last}" if last else reason), code
-    return "", None
+            return container["name"], ended, last
+    return None
 
 
 FAILURE_LINE_LIMIT = 400

@@ -212,7 +212,7 @@ def test_controller_image_runs_the_cli_without_torch(images):
     assert "controller" in run_in(image, "finesweep", "controller", "--help").stdout
     # What the controller imports on its path, and no torch: a small image that never trains.
     probe = run_in(image, "python", "-c", "import submitter.controller, evaluator.report, finesweep.stats, kubernetes, "
-                   "boto3, matplotlib, sacrebleu, optuna; import importlib.util as u; print(u.find_spec('torch'))")
+                   "boto3, matplotlib, sacrebleu, optuna, mlflow; import importlib.util as u; print(u.find_spec('torch'))")
     assert probe.stdout.strip() == "None", probe.stdout + probe.stderr
 
 

@@ -811,8 +811,8 @@ def test_status_rows(fake_cluster, local_store, example_sweeps, settings):
     assert row["finished"] == "2026-01-01T00:05:00Z"
     assert (rows[trials[2].trial_id]["phase"], rows[trials[2].trial_id]["reason"]) == ("Pending", "no pod yet")
     assert set(row) == {"trial_id", "trial", "stage", "job", "phase", "started", "finished", "reason", "exit_code",
-                        "attempt"}
-    assert row["attempt"] == 1
+                        "attempt", "failure"}
+    assert row["attempt"] == 1 and row["failure"] is None  # the cluster ended it: the Job's reason is recorded
 
 
 def test_failure_reason_carries_the_containers_last_error_line(example_sweeps):
@@ -833,6 +833,31 @@ def test_failure_reason_carries_the_containers_last_error_line(example_sweeps):
     for job in jobs_of(km.sweep_manifests(trials_of(example_sweeps[0]), k8s_backend.load_settings({}), STORE_URL)):
         for container in pod_containers(job):
             assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_a_process_failure_is_recorded_as_a_local_run_records_it():
+    """Drift found by the shared local/cluster e2e scenario: the same trial failing the same way was recorded as
+    `train: SafetensorError: ...` locally and as `job: BackoffLimitExceeded: ...; last pod: train: Error (exit
+    1): SafetensorError: ...` on the cluster. A process that exited with an error of its own is now recorded with
+    its container as the phase and its failure line (store.failure_line, as local.run_phase takes it) as the
+    reason; the Job's wording stays in `status`. What the cluster ended (OOMKilled) keeps the Job's reason."""
+    from finesweep.store import failure_line
+
+    log_tail = ("18:59:09 INFO resuming from checkpoint-3 (step 3) in s3://b/p\n"
+                "18:59:09 ERROR [e2e/broken sft-0123] SafetensorError: Error while deserializing header\n"
+                "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                "safetensors._safetensors_rust.SafetensorError: Error while deserializing header\n")
+    job = {"metadata": {"name": "e2e-broken-a2", "labels": {"finesweep.io/attempt": "2"}},
+           "status": {"failed": 2, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                    "message": "Job has reached the specified backoff limit"}]}}
+    pod = {"status": {"initContainerStatuses": [{"name": "train", "state": {"terminated": {
+        "exitCode": 1, "reason": "Error", "message": log_tail}}}]}}
+    row = k8s_backend.job_row(job, pod)
+    assert row["failure"] == ("train", failure_line(log_tail.splitlines()))
+    assert row["reason"].startswith("BackoffLimitExceeded: ") and row["attempt"] == 2  # what `status` shows
+    pod["status"]["initContainerStatuses"][0]["state"]["terminated"] = {"exitCode": 137, "reason": "OOMKilled",
+                                                                        "message": log_tail}
+    assert k8s_backend.job_row(job, pod)["failure"] is None
 
 
 def test_jobs_the_cluster_gave_up_on_are_recorded_in_the_store_once(fake_cluster, local_store, example_sweeps,

@@ -79,15 +79,20 @@ def test_a_recreated_trial_with_an_old_failure_is_not_settled(store):
     # A late report of attempt 1's Job (another `status` racing the resubmit) cannot fail attempt 2 ...
     assert st.record_failure(store, SWEEP, TRIAL, "job", "OOMKilled", 137, attempt=1) is None
     assert status(store).state is TrialState.RUNNING
-    # ... and neither can a _FAILED written without an attempt number before the retry started.
-    store.write_json(f"{PREFIX}/{st.FAILED}", {"phase": "job", "reason": "old", "at": 1.0})
+    # ... and neither can attempt 1's _FAILED landing after the retry started (a slow writer).
+    store.write_json(f"{PREFIX}/{st.FAILED}", {"phase": "job", "reason": "old", "attempt": 1, "at": 1.0})
     assert status(store).state is TrialState.RUNNING and status(store).failure is None
 
 
-def test_a_failure_from_before_attempts_were_recorded_counts_as_attempt_one(store):
+def test_a_failure_belongs_to_an_attempt(store):
+    """Every runner records the attempt before it starts anything that can fail, so a failure without one is a
+    bug said at once (no 'attempt 0'), and a _FAILED file with no attempt behind it fails nothing."""
+    with pytest.raises(RuntimeError, match="no attempt under way"):
+        st.record_failure(store, SWEEP, TRIAL, "train", "x", 1)
     store.write_json(f"{PREFIX}/{st.FAILED}", {"phase": "train", "reason": "x", "exit_code": 1, "at": 5.0})
-    assert (status(store).state, status(store).failed_attempts) == (TrialState.FAILED, 1)
-    assert st.start_attempt(store, SWEEP, TRIAL, "local").attempt == 2
+    assert (status(store).state, status(store).failed_attempts, status(store).failure) == (TrialState.PENDING, 0,
+                                                                                            None)
+    assert st.start_attempt(store, SWEEP, TRIAL, "local").attempt == 1
 
 
 def test_preemption_and_cancel_are_not_failed_attempts(store):
@@ -180,7 +185,8 @@ def test_the_engine_waits_on_a_retried_trial_and_ends_on_a_cancelled_one(store, 
         store.write_json(f"{spec.sweep}/{spec.trial_id}/eval.json", {"summary": {}})
         store.write_marker(f"{spec.sweep}/{spec.trial_id}/{st.DONE}", {})
     retried = specs[0]
-    store.write_json(f"{retried.sweep}/{retried.trial_id}/{st.FAILED}", {"phase": "job", "reason": "x", "at": 1.0})
+    st.start_attempt(store, retried.sweep, retried.trial_id, "k8s")
+    st.record_failure(store, retried.sweep, retried.trial_id, "job", "x", 1)
     backend = _HangingBackend(store, stop=retried, stop_after=3)
     with pytest.raises(engine.SweepStopped, match="cancelled"):
         engine.run_sweep(smoke_sft.sweep, store, backend, smoke_sft.start, poll_s=0)

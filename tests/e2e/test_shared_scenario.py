@@ -234,7 +234,9 @@ def scenario(run, mlflow, experiment: str) -> dict:
     for found in client.search_runs([experiment_id]):
         trial_id = found.data.tags.get(TRIAL_TAG)
         assert trial_id not in tracked, f"{run.backend}: two MLflow runs for trial {trial_id}"
-        tracked[trial_id] = (found.info.status, sorted(k for k in found.data.metrics if k.startswith("eval/")))
+        reports = [a.path for a in client.list_artifacts(found.info.run_id, "report")]
+        tracked[trial_id] = (found.info.status, sorted(k for k in found.data.metrics if k.startswith("eval/")),
+                             "report/report.md" in reports)
     return {"trials": third, "mlflow": tracked, "broken": broken_id}
 
 
@@ -267,5 +269,5 @@ def test_search_sweep_behaves_the_same_on_both_backends(release, mlflow_server, 
     assert local["mlflow"] == cluster["mlflow"], (local["mlflow"], cluster["mlflow"])
     done = [t["id"] for t in local["trials"].values() if t["state"] == "done" and not t["id"].startswith("base")]
     for trial_id in done:
-        status, metrics = local["mlflow"][trial_id]
-        assert status == "FINISHED" and "eval/heldout_loss" in metrics, local["mlflow"]
+        status, metrics, report = local["mlflow"][trial_id]
+        assert status == "FINISHED" and "eval/heldout_loss" in metrics and report, local["mlflow"]
