@@ -55,6 +55,7 @@ case "${1:-}" in
     echo >&2 "mlflow-server: http://127.0.0.1:$port (store $dir)"
     # --artifacts-destination + serving artifacts: clients upload through the server's REST API, so a trial pod
     # needs no access to the server's disk. One worker: a test server, and the CPUs are shared.
+    export MLFLOW_DISABLE_TELEMETRY=true  # the server too would report usage to mlflow-telemetry.io
     exec "$VENV/bin/mlflow" server --host 127.0.0.1 --port "$port" --workers 1 \
       --backend-store-uri "sqlite:///$dir/mlflow.db" --artifacts-destination "$dir/artifacts" --serve-artifacts
     ;;

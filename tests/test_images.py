@@ -197,6 +197,7 @@ def test_only_needed_code_and_no_credentials(images, target):
     env_names = {e.split("=", 1)[0] for e in cfg["Env"]}
     secretish = ("AWS_", "MINIO_", "TOKEN", "SECRET", "PASSWORD", "KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     assert not [n for n in env_names if any(s in n for s in secretish)], env_names
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in cfg["Env"]  # MLflow's client would report usage home
     history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
     text = json.dumps(cfg) + history
     assert CANARY not in text

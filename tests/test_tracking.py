@@ -12,7 +12,7 @@ from finesweep.store import DONE, TRAINED, LocalStore, trial_prefix
 from submitter.local import run_phase
 from trainer.tracking import MLFLOW_RECORD, TRIAL_TAG, tensorboard_prefix
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, ROOT
 from .support.mlflow import mlflow_server  # noqa: F401 - the fixture
 
 DATA = FIXTURES / "datasets" / "instructions-local" / "train.jsonl"
@@ -174,3 +174,22 @@ def test_preempted_trial_keeps_one_tensorboard_curve(tiny_model, tmp_path, monke
     trained = store.read_json(f"{trial_prefix(spec.sweep, spec.trial_id)}/{TRAINED}")["files"]
     assert {k.rsplit("/", 1)[-1] for k in trained if "/tensorboard/" in k} == {p.name for p in run_dir.iterdir()}
     assert len(list(run_dir.iterdir())) == 2  # one file per pod
+
+
+def test_mlflow_reports_nothing_home(tmp_path):
+    """MLflow's client reports usage to mlflow-telemetry.io unless MLFLOW_DISABLE_TELEMETRY is set before it is
+    imported (found when the controller image grew ~/.config/mlflow/telemetry.json at build time). Pytest's own
+    environment (PYTEST_CURRENT_TEST) switches it off too, so this runs in a process without it, as `make submit`
+    or a pod runs the trainer: importing finesweep's tracking module is enough to keep it quiet."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import trainer.tracking, mlflow; from mlflow.tracking import MlflowClient; "
+             "MlflowClient(tracking_uri='http://127.0.0.1:9'); "
+             "from mlflow.telemetry.utils import is_telemetry_disabled; print(is_telemetry_disabled())")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stdout + run.stderr[-2000:]
+    assert not (tmp_path / ".config").exists()

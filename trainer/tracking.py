@@ -37,6 +37,10 @@ from finesweep.spec import TrialSpec, to_dict
 from finesweep.store import ArtifactStore, StoreError, checksum, trial_prefix
 
 log = logging.getLogger("finesweep")
+# MLflow's client reports usage to mlflow-telemetry.io (and writes ~/.config/mlflow/telemetry.json) unless this is
+# set before it is imported; finesweep imports it only here. A trial talks to its store and the tracking server it
+# was given, nothing else; a user who wants MLflow's telemetry sets MLFLOW_DISABLE_TELEMETRY=false.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 TENSORBOARD = "tensorboard"
 MLFLOW_RECORD = "mlflow.json"
 TRIAL_TAG = "finesweep.trial_id"
