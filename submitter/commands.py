@@ -8,9 +8,9 @@ import time
 
 from finesweep.spec import StartRef, resolve_sweep_path
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, ArtifactStore, LocalStore, StoreError, TrialState, clear_local_run,
-                             read_local_run, status_of, stop_running_trials, trial_prefix)
+                             read_local_run, status_of, trial_prefix)
 
-from .engine import record_cluster_failures, sweep_specs
+from .engine import record_cluster_failures, stop_running, sweep_specs
 from .plan import SweepPlan, load_plan, resolve_recorded_starts, select_best
 from .plan import project_dir
 
@@ -118,15 +118,10 @@ def cancel(args, store: ArtifactStore) -> int:
         log.info("pipeline %s: controller job and its ConfigMap deleted", pipeline)
     for plan in plans:
         deleted = k8s_backend.cancel(plan.sweep.name, settings)
-        stopped = _stop_trials(plan, store)
+        stopped = stop_running(plan, store)
         log.info("sweep %s: %d Job(s) deleted, %d trial(s) marked stopped; finished trials stay in %s",
                  plan.sweep.name, len(deleted), len(stopped), store.url)
     return 0
-
-
-def _stop_trials(plan: SweepPlan, store: ArtifactStore) -> list[str]:
-    return stop_running_trials(store, plan.sweep.name,
-                               [spec.trial_id for spec in sweep_specs(plan, store)] if plan.resolved else [])
 
 
 LOCAL_CANCEL_WAIT_S = 600  # the running trial saves a checkpoint first (one training step, then the upload)
@@ -162,7 +157,7 @@ def _cancel_local(plans: list[SweepPlan], store: ArtifactStore) -> int:
                           "`kill %d`, then cancel again", name, pid, LOCAL_CANCEL_WAIT_S, pid)
                 code = 1
                 continue
-        stopped = _stop_trials(plan, store)  # what a submit that died could not mark itself
+        stopped = stop_running(plan, store)  # what a submit that died could not mark itself
         clear_local_run(store, name, pid)
         log.info("sweep %s: local submit (pid %d) stopped, %d more trial(s) marked stopped; finished trials stay "
                  "in %s", name, pid, len(stopped), store.url)

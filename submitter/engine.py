@@ -28,7 +28,7 @@ from typing import Protocol
 from finesweep.search import Search
 from finesweep.spec import StartRef, Sweep, TrialSpec
 from finesweep.store import (DEFAULT_MAX_ATTEMPTS, EVALUATE_NOTE, SETTLED, ArtifactStore, NextAction, TrialState,
-                             TrialStatus, next_action, over_limit_note, status_of)
+                             TrialStatus, next_action, over_limit_note, status_of, stop_running_trials)
 
 from .plan import select_best
 
@@ -397,8 +397,7 @@ def submit_local(plan, store: ArtifactStore, store_url: str, max_attempts: int =
         plan.start = resolve_start(plan.sweep, store)
     from .local import running_here
 
-    trial_ids = lambda: [spec.trial_id for spec in sweep_specs(plan, store)]  # noqa: E731 - read when interrupted
-    with running_here(store, plan.sweep.name, trial_ids):
+    with running_here(store, plan.sweep.name, lambda: stop_running(plan, store)):
         counts = run_sweep(plan.sweep, store, LocalBackend(store, store_url, max_attempts, sweep=plan.sweep),
                            plan.start)
     finish(plan.sweep, store, plan.start)
@@ -413,6 +412,13 @@ def record_cluster_failures(plan, store: ArtifactStore, rows: list[dict]) -> int
     from .k8s_backend import record_job_failures
 
     return record_job_failures(store, sweep_specs(plan, store), rows)
+
+
+def stop_running(plan, store: ArtifactStore) -> list[str]:
+    """Mark the plan's trials with an attempt under way `stopped` (cancel on either backend, an interrupted local
+    submit); returns their ids. A plan whose start is not resolved has no trial that could have run."""
+    trial_ids = [spec.trial_id for spec in sweep_specs(plan, store)] if plan.resolved else []
+    return stop_running_trials(store, plan.sweep.name, trial_ids)
 
 
 def sweep_specs(plan, store: ArtifactStore) -> list:

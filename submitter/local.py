@@ -21,8 +21,7 @@ from typing import Callable, Iterator
 
 from finesweep.store import (PREEMPTED_EXIT, ArtifactStore, NextAction, TrialState,
                              TrialStatus, clear_local_run, end_attempt, failure_line, next_action, over_limit_note,
-                             record_failure, record_local_run, start_attempt, status_of, stop_running_trials,
-                             trial_prefix)
+                             record_failure, record_local_run, start_attempt, status_of, trial_prefix)
 from finesweep.spec import Sweep, TrialSpec
 
 from .plan import write_spec
@@ -60,12 +59,11 @@ def run_phase(module: str, spec: TrialSpec, store: ArtifactStore, store_url: str
                 proc.terminate()
                 _relay(proc, lines)
                 proc.wait()
-                store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
                 raise
             finally:
                 with _children_lock:
                     _children.discard(proc)
-        store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
+                store.write_bytes(f"{prefix}/logs/{phase}.log", "".join(lines).encode())
         if _stopping.is_set():
             raise Interrupted(f"{phase} stopped by an interrupted submit (exit {proc.returncode})")
         if proc.returncode != 0:
@@ -99,11 +97,11 @@ def _raise_interrupt(signum, frame):
 
 
 @contextmanager
-def running_here(store: ArtifactStore, sweep: str, trial_ids: Callable[[], list[str]]) -> Iterator[None]:
+def running_here(store: ArtifactStore, sweep: str, stop_trials: Callable[[], object]) -> Iterator[None]:
     """While this process runs `sweep` on the local backend: its record in the store (host, pid), which
     `finesweep cancel` reads to stop it, and SIGTERM taken as Ctrl-C. Either one stops every trial process it
-    started (SIGTERM, as a pod is stopped) and marks the trials under way stopped (store.stop_running_trials, as
-    the cluster's cancel does); a later submit carries them on."""
+    started (SIGTERM, as a pod is stopped), then `stop_trials` marks the trials under way stopped (engine.stop_running,
+    as the cluster's cancel does); a later submit carries them on."""
     pid = os.getpid()
     _stopping.clear()
     record_local_run(store, sweep, socket.gethostname(), pid)
@@ -119,7 +117,7 @@ def running_here(store: ArtifactStore, sweep: str, trial_ids: Callable[[], list[
             proc.terminate()
         for proc in children:
             proc.wait()
-        stop_running_trials(store, sweep, trial_ids())  # those whose run_phases did not get to it
+        stop_trials()  # those whose run_phases did not get to it
         log.warning("sweep %s: interrupted; the trials under way are marked stopped, finished trials stay in %s, "
                     "and a later submit carries on", sweep, store.url)
         raise

@@ -108,7 +108,7 @@ def end_distributed() -> None:
         return
     import torch.distributed as dist
 
-    dist.barrier(group=_cpu_group())
+    barrier()
     dist.destroy_process_group()
     _CPU_GROUP = None
 
